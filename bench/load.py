@@ -1,0 +1,117 @@
+"""Load tool: N concurrent clients minting tokens over the socket, side by side with baselines.
+
+One run measures, at each concurrency level, with the same load generator (bench/_loadgen.py, a separate
+process, every client on its own connection):
+
+* ``empty/direct``     an empty gRPC call (health Check) straight to the daemon's internal gRPC socket;
+* ``empty/frontdoor``  the same call through the public socket (front door + pump);
+* ``mint/frontdoor``   MintToken through the public socket (attestation, policy, ES256, audit);
+* ``openbao/token``    OpenBao ``auth/token/create`` (a child token) on a real dev server, over HTTP.
+
+and prints requests/s and p50/p99 latency, plus the ratios the design targets are stated in:
+mint vs the empty call of the same server (>= 0.8x), broker vs OpenBao (>= 5x), front door cost (<= 15%).
+
+    .venv/bin/python bench/load.py [--duration 3] [--concurrency 1,8,32] [--no-openbao] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from broker import _pump, tokens
+from broker.testing import WorkflowSpec, config_text, openbao_dev_server, running_daemon
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def loadgen(args: list[str], concurrency: int, duration: float, env: dict[str, str] | None = None) -> dict[str, float]:
+    r = subprocess.run([sys.executable, os.path.join(HERE, "_loadgen.py"), *args, "--concurrency",
+                        str(concurrency), "--duration", str(duration)], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})}, check=False, timeout=duration + 120)
+    if r.returncode != 0:
+        raise RuntimeError(f"load generator failed: {r.stderr[-2000:]}")
+    result: dict[str, float] = json.loads(r.stdout)
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=3.0)
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--no-openbao", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    levels = [int(x) for x in args.concurrency.split(",")]
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory(prefix="brk-bench-") as d:
+        cfg = os.path.join(d, "broker.toml")
+        with open(cfg, "w") as f:
+            f.write(config_text(d, [WorkflowSpec("bench", callers=[{"uid": os.geteuid()}],
+                                                 tools=[{"name": "read_ticket", "ttl": "5m"}])]))
+        sock = os.path.join(d, "broker.sock")
+        with running_daemon(cfg, sock, os.path.join(d, "audit.jsonl")) as daemon, \
+                (openbao_dev_server(d) if not args.no_openbao else _nothing()) as bao:
+            internal_dir = next(n for n in os.listdir(d) if n.startswith(".broker-internal-"))
+            internal = os.path.join(d, internal_dir, "grpc.sock")
+            for c in levels:
+                cells = {
+                    "empty/direct": loadgen(["--grpc", f"unix:{internal}", "--rpc", "empty"], c, args.duration),
+                    "empty/frontdoor": loadgen(["--grpc", f"unix:{sock}", "--rpc", "empty"], c, args.duration),
+                    "mint/frontdoor": loadgen(["--grpc", f"unix:{sock}", "--rpc", "mint"], c, args.duration),
+                }
+                if bao is not None:
+                    cells["openbao/token"] = loadgen(
+                        ["--http", f"{bao.address}/v1/auth/token/create",
+                         "--body", json.dumps({"ttl": "5m", "policies": ["default"], "no_parent": False})],
+                        c, args.duration, env={"BENCH_BAO_TOKEN": bao.token})
+                for name, cell in cells.items():
+                    rows.append({"concurrency": c, "workload": name, **cell})
+                    print(f"c={c:<3} {name:<16} {cell['rps']:8.0f}/s  p50 {cell['p50_us']:7.0f} us  "
+                          f"p99 {cell['p99_us']:7.0f} us  errors {cell['errors']}", flush=True)
+            log = daemon.log()
+    print()
+    print(markdown(rows, levels))
+    print(f"\ndaemon backends: token engine {tokens.BACKEND}, pump {_pump.BACKEND} "
+          f"({'ready' if 'ready' in log else 'no ready line'})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def markdown(rows: list[dict[str, object]], levels: list[int]) -> str:
+    def get(c: int, w: str) -> dict[str, object] | None:
+        return next((r for r in rows if r["concurrency"] == c and r["workload"] == w), None)
+
+    out = ["| clients | workload | req/s | p50 us | p99 us | errors |", "|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['concurrency']} | {r['workload']} | {r['rps']:.0f} | {r['p50_us']:.0f} | "
+                   f"{r['p99_us']:.0f} | {r['errors']} |")
+    out += ["", "| clients | mint / empty (same server, front door) | front door cost (empty) | "
+                "broker mint / OpenBao token |", "|---:|---:|---:|---:|"]
+    for c in levels:
+        mint, empty, direct, bao = (get(c, w) for w in ("mint/frontdoor", "empty/frontdoor", "empty/direct",
+                                                         "openbao/token"))
+        assert mint and empty and direct
+        ratio = float(mint["rps"]) / float(empty["rps"])  # type: ignore[arg-type]
+        cost = 1 - float(empty["rps"]) / float(direct["rps"])  # type: ignore[arg-type]
+        vs_bao = f"{float(mint['rps']) / float(bao['rps']):.1f}x" if bao else "n/a"  # type: ignore[arg-type]
+        out.append(f"| {c} | {ratio:.2f}x | {cost * 100:+.1f}% | {vs_bao} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

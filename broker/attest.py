@@ -1,0 +1,284 @@
+"""Who is calling: kernel-reported peer credentials, resolved into selectors from /proc.
+
+At accept the front door records ``SO_PEERCRED`` (pid, uid, gid) and a *pidfd* for the peer process
+(``SO_PEERPIDFD``, Linux 6.5+, taken by the kernel at connect; else ``pidfd_open`` right after accept,
+checked against the pid's start time). A pidfd refers to one process for its whole life, never to a later
+process that reuses the pid. Every request then re-reads /proc for that pid between two liveness checks
+of the pidfd, so
+
+* a pid that died and was reused by another process never inherits the first one's rights, and
+* a process that changed its credentials or exec'd another binary after connecting is judged by what
+  it is now, not by what it was when it connected.
+
+Nothing a caller says about itself is ever used.
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import os
+import pwd
+import signal
+import socket
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Final
+
+from broker.config import CallerRule
+from broker.errors import AttestationError
+
+PROC: Final = "/proc"
+# Binaries larger than this are not hashed: a caller must not make the daemon read gigabytes per call.
+MAX_EXE_HASH_BYTES: Final = 512 * 1024 * 1024
+_HASH_CACHE_SIZE: Final = 256
+_UNIT_SUFFIXES: Final = (".service", ".scope")
+_UCRED: Final = struct.Struct("3i")
+SO_PEERPIDFD: Final = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5+; Python 3.11 lacks the name
+
+
+class ProcessHandle:
+    """Owns a pidfd. The fd closes when the last reference goes away, so a request still holding the
+    handle never sees the number reused for another process's pidfd."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def alive(self) -> bool:
+        try:
+            signal.pidfd_send_signal(self.fd, 0)
+        except PermissionError:
+            return True  # it exists; we are just not allowed to signal it (daemon not running as root)
+        except OSError:
+            return False  # ESRCH: exited; anything else: fail closed
+        return True
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCred:
+    """What the kernel said about a connection when it was accepted."""
+
+    pid: int
+    uid: int
+    gid: int
+    process: ProcessHandle = field(compare=False, repr=False)
+
+
+def _pidfd(sock: socket.socket, pid: int) -> ProcessHandle:
+    try:
+        return ProcessHandle(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+    except OSError:
+        pass  # older kernel: pin by pidfd_open plus the start time seen now and just after
+    before = start_time(pid)
+    try:
+        handle = ProcessHandle(os.pidfd_open(pid))
+    except OSError:
+        raise AttestationError(f"pid {pid} is gone") from None
+    if start_time(pid) != before or not handle.alive():
+        raise AttestationError(f"pid {pid} was reused while connecting")
+    return handle
+
+
+def peer_cred(sock: socket.socket) -> PeerCred:
+    """Read ``SO_PEERCRED`` of an accepted Unix socket and pin the peer process with a pidfd."""
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    if pid <= 0:
+        # pid 0 means the peer lives in a pid namespace we cannot see: nothing to attest.
+        raise AttestationError("peer pid not visible from this pid namespace")
+    return PeerCred(pid, uid, gid, _pidfd(sock, pid))
+
+
+def start_time(pid: int) -> int:
+    try:
+        with open(f"{PROC}/{pid}/stat", "rb") as f:
+            stat = f.read(4096)
+    except OSError:
+        raise AttestationError(f"pid {pid} is gone") from None
+    # comm (field 2) may contain spaces and parentheses: split after the *last* ')'.
+    rest = stat[stat.rfind(b")") + 2:].split()
+    try:
+        return int(rest[19])  # field 22 overall; fields 3.. start at rest[0]
+    except (IndexError, ValueError):
+        raise AttestationError(f"pid {pid}: unreadable stat") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """A caller's attested selectors at the time of one request."""
+
+    pid: int
+    process: ProcessHandle = field(compare=False, repr=False)
+    uid: int
+    gid: int
+    exe: str | None
+    # Computed on first use (only rules and audit lines that need them pay for the reads).
+    _lazy: dict[str, str | None] = field(default_factory=dict, compare=False, repr=False)
+    _groups: list[frozenset[int]] = field(default_factory=list, compare=False, repr=False)
+
+    @property
+    def groups(self) -> frozenset[int]:
+        """Supplementary group ids (read from /proc on first use)."""
+        if not self._groups:
+            try:
+                groups = _status_ids(self.pid)[2]
+            except (OSError, ValueError):
+                groups = frozenset()
+            self._groups.append(groups if self.process.alive() else frozenset())
+        return self._groups[0]
+
+    @property
+    def systemd_unit(self) -> str | None:
+        if "unit" not in self._lazy:
+            unit = _systemd_unit(self.pid)
+            # Read between two liveness checks of the pinned process, like every other selector.
+            self._lazy["unit"] = unit if self.process.alive() else None
+        return self._lazy["unit"]
+
+    @property
+    def user(self) -> str | None:
+        try:
+            return pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            return None
+
+    def group_names(self) -> set[str]:
+        names = set()
+        for gid in self.groups | {self.gid}:
+            try:
+                names.add(grp.getgrgid(gid).gr_name)
+            except KeyError:
+                continue
+        return names
+
+    def audit_fields(self) -> dict[str, object]:
+        fields: dict[str, object] = {"pid": self.pid, "uid": self.uid, "gid": self.gid, "exe": self.exe}
+        if "unit" in self._lazy:
+            fields["unit"] = self._lazy["unit"]
+        return fields
+
+
+class _HashCache:
+    """sha256 of executables keyed by (device, inode, size, mtime): a binary is hashed once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple[int, int, int, int], str] = OrderedDict()
+
+    def sha256(self, pid: int) -> str | None:
+        path = f"{PROC}/{pid}/exe"
+        try:
+            # Open first, then fstat the open file: the hash and the key describe the same inode.
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                with self._lock:
+                    if key in self._items:
+                        self._items.move_to_end(key)
+                        return self._items[key]
+                if st.st_size > MAX_EXE_HASH_BYTES:
+                    return None
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError:
+            return None
+        with self._lock:
+            self._items[key] = digest
+            if len(self._items) > _HASH_CACHE_SIZE:
+                self._items.popitem(last=False)
+        return digest
+
+
+_hashes = _HashCache()
+
+
+def _field(status: bytes, name: bytes) -> list[bytes]:
+    start = status.index(name) + len(name)
+    return status[start:status.index(b"\n", start)].split()
+
+
+def _status_ids(pid: int) -> tuple[int, int, frozenset[int]]:
+    with open(f"{PROC}/{pid}/status", "rb") as f:
+        status = f.read(65536)
+    # Effective ids: the second of real, effective, saved, filesystem.
+    uid = int(_field(status, b"\nUid:")[1])
+    gid = int(_field(status, b"\nGid:")[1])
+    return uid, gid, frozenset(int(g) for g in _field(status, b"\nGroups:"))
+
+
+def _effective_ids(cred: PeerCred) -> tuple[int, int]:
+    st = os.stat(f"{PROC}/{cred.pid}")
+    # /proc/<pid> is owned by the process's effective uid/gid, unless the process is not dumpable
+    # (setuid programs, or after a credential change), in which case it shows root. So the cheap stat
+    # is trusted only when it agrees with SO_PEERCRED and is not root; otherwise read the truth.
+    if (st.st_uid, st.st_gid) == (cred.uid, cred.gid) and st.st_uid != 0 and st.st_gid != 0:
+        return st.st_uid, st.st_gid
+    uid, gid, _ = _status_ids(cred.pid)
+    return uid, gid
+
+
+def _systemd_unit(pid: int) -> str | None:
+    try:
+        with open(f"{PROC}/{pid}/cgroup", "rb") as f:
+            lines = f.read(65536).decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("0::"):  # the cgroup v2 hierarchy
+            for part in reversed(line[3:].split("/")):
+                if part.endswith(_UNIT_SUFFIXES):
+                    return part
+    return None
+
+
+def attest(cred: PeerCred) -> Caller:
+    """Resolve a connection's peer into the selectors of one request (fresh from /proc)."""
+    pid = cred.pid
+    if not cred.process.alive():
+        raise AttestationError(f"pid {pid} has exited")
+    try:
+        uid, gid = _effective_ids(cred)
+        try:
+            exe: str | None = os.readlink(f"{PROC}/{pid}/exe")
+        except OSError:
+            exe = None  # kernel threads and some zombies have no exe
+    except (OSError, ValueError, IndexError):
+        raise AttestationError(f"pid {pid}: /proc unreadable") from None
+    # Check the pinned process is still alive *after* reading: if it had exited, the pid could now
+    # belong to another process and what we read would describe that one. Defeats pid reuse.
+    if not cred.process.alive():
+        raise AttestationError(f"pid {pid} exited while being attested")
+    if (uid, gid) != (cred.uid, cred.gid):
+        raise AttestationError(f"pid {pid} changed credentials since it connected")
+    return Caller(pid, cred.process, uid, gid, exe)
+
+
+def exe_sha256(caller: Caller) -> str | None:
+    """The caller's executable hash, computed at most once per request and once per binary."""
+    if "sha256" not in caller._lazy:
+        digest = _hashes.sha256(caller.pid)
+        # The process could have exited (and its pid been reused) while we hashed.
+        caller._lazy["sha256"] = digest if caller.process.alive() else None
+    return caller._lazy["sha256"]
+
+
+def matches(rule: CallerRule, caller: Caller) -> bool:
+    """True when every selector set in ``rule`` matches ``caller``. Cheap checks go first."""
+    if rule.uid is not None and rule.uid != caller.uid:
+        return False
+    if rule.gid is not None and rule.gid != caller.gid:
+        return False
+    if rule.exe is not None and rule.exe != caller.exe:
+        return False
+    if rule.systemd_unit is not None and rule.systemd_unit != caller.systemd_unit:
+        return False
+    if rule.user is not None and rule.user != caller.user:
+        return False
+    if rule.group is not None and rule.group not in caller.group_names():
+        return False
+    return rule.exe_sha256 is None or rule.exe_sha256 == exe_sha256(caller)

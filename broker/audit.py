@@ -1,0 +1,51 @@
+"""The audit log: one JSON line per decision, metadata only, never a token or a key.
+
+Each line is written with a single ``write(2)`` on an ``O_APPEND`` descriptor, so concurrent writers
+never interleave and a crash leaves at most the last line missing, never a torn one in the middle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from broker.errors import BrokerError
+
+
+class AuditLog:
+    def __init__(self, path: str, clock: Callable[[], float]) -> None:
+        self._path = path
+        self._clock = clock
+        self._lock = threading.Lock()
+        parent = os.path.dirname(path)
+        try:
+            os.makedirs(parent, mode=0o750, exist_ok=True)
+            # O_NOFOLLOW: a symlink planted at the audit path must not redirect our writes.
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                               0o600)
+            os.fchmod(self._fd, 0o600)  # an existing file keeps its mode otherwise
+        except OSError as exc:
+            raise BrokerError(f"cannot open audit log {path}: {exc.strerror}") from None
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def record(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"time": round(self._clock(), 3), "event": event, **fields},
+                          separators=(",", ":"), default=str) + "\n"
+        data = line.encode("utf-8", "replace")
+        with self._lock:
+            written = os.write(self._fd, data)
+        if written != len(data):
+            raise BrokerError(f"short write to audit log {self._path}")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = -1

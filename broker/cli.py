@@ -1,0 +1,132 @@
+"""``broker``: the command line. Each subcommand is a thin shell over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from broker import config as config_mod
+from broker.client import Client, resolve_socket
+from broker.errors import BrokerError, ConfigError, InvalidToken
+
+
+def _duration(text: str) -> int:
+    try:
+        return config_mod.parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", help="daemon socket (default: $BROKER_SOCKET, the config's socket, "
+                                    f"$SPIFFE_ENDPOINT_SOCKET, then {config_mod.DEFAULT_SOCKET})")
+    p.add_argument("--config", help="read the socket path from this config file")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="broker", description="Short-lived, scoped credentials for AI agents.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the daemon in the foreground (logs to stderr)")
+    p.add_argument("--config", required=True, help="TOML configuration file")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    p = sub.add_parser("token", help="ask the daemon for a token; prints it on stdout")
+    p.add_argument("--workflow", required=True)
+    p.add_argument("--tool", required=True)
+    p.add_argument("--audience", default="", help="defaults to the tool name")
+    p.add_argument("--ttl", type=_duration, default=0, help="e.g. 90s; at most the tool's ttl")
+    _client_args(p)
+
+    p = sub.add_parser("verify", help="verify a token; prints its claims as JSON")
+    p.add_argument("--tool", required=True)
+    p.add_argument("--audience", default="", help="defaults to the tool name")
+    p.add_argument("token", metavar="TOKEN", help="the token, or - to read it from stdin (keeps it out of argv)")
+    _client_args(p)
+
+    p = sub.add_parser("jwks", help="print the public keys that verify tokens (RFC 7517 JSON)")
+    _client_args(p)
+
+    p = sub.add_parser("config", help="configuration tools")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    c = csub.add_parser("check", help="validate a configuration file")
+    c.add_argument("file")
+
+    p = sub.add_parser("scan", help="find hardcoded secrets in files, staged changes or history")
+    return ap
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(resolve_socket(args.socket, args.config))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config_mod.load(args.config)
+    from broker.daemon import serve
+
+    serve(cfg)
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        minted = c.mint(args.workflow, args.tool, audience=args.audience, ttl=args.ttl)
+    sys.stdout.write(minted.token + "\n")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    token = sys.stdin.readline().strip() if args.token == "-" else args.token  # noqa: S105 - "-" means stdin
+    with _client(args) as c:
+        try:
+            claims = c.verify(token, args.tool, audience=args.audience)
+        except InvalidToken as exc:
+            print(f"broker verify: invalid token: {exc.reason}", file=sys.stderr)
+            return 1
+    print(json.dumps(claims, indent=2, sort_keys=True))
+    return 0
+
+
+def _jwks(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        print(json.dumps(json.loads(c.jwks()), indent=2))
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_mod.load(args.file)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{args.file}: {problem}", file=sys.stderr)
+        return 1
+    tools = sum(len(wf.tools) for wf in cfg.workflows.values())
+    print(f"{args.file}: ok ({len(cfg.workflows)} workflows, {tools} tools, sha256 {cfg.sha256[:12]})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"serve": _serve, "token": _token, "verify": _verify, "jwks": _jwks, "config": _config_check}
+    if args.command == "scan":
+        from broker.scan import cli as scan_cli
+
+        return scan_cli.run(args)
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"broker: {problem}", file=sys.stderr)
+        return 1
+    except BrokerError as exc:
+        print(f"broker {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The synchronous client: what an agent imports to get tokens just in time.
+
+Identity is never sent: the daemon learns it from the kernel when this process connects.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Final, TypeVar
+
+import grpc
+
+from broker.client._cache import DEFAULT_REFRESH_FRACTION, Minted
+from broker.client._errors import retryable, translate
+from broker.client._socket import resolve_socket
+from broker.errors import BrokerError
+from broker.v1 import broker_pb2 as pb
+from broker.v1 import broker_pb2_grpc as pb_grpc
+
+DEFAULT_TIMEOUT: Final = 5.0
+DEFAULT_RETRIES: Final = 3
+R = TypeVar("R")
+
+
+class Client:
+    """Sync client. ``token()`` caches per (workflow, tool, audience) and refreshes before expiry; when
+    several threads need the same token at once, one of them asks the daemon and the others wait for it."""
+
+    def __init__(self, socket_path: str | None = None, *, workflow: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, retries: int = DEFAULT_RETRIES,
+                 refresh_fraction: float = DEFAULT_REFRESH_FRACTION,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._path = resolve_socket(socket_path)
+        self._workflow = workflow
+        self._timeout = timeout
+        self._retries = retries
+        self._fraction = refresh_fraction
+        self._clock = clock
+        self._channel = grpc.insecure_channel(f"unix:{self._path}")
+        self._stub = pb_grpc.BrokerStub(self._channel)
+        self._cache: dict[tuple[str, str, str], tuple[Minted, float]] = {}
+        self._locks: dict[tuple[str, str, str], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    @property
+    def socket_path(self) -> str:
+        return self._path
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Callable[..., R], request: Any, *, retries: int | None = None) -> R:
+        attempts = (self._retries if retries is None else retries) + 1
+        for attempt in range(attempts):
+            try:
+                return method(request, timeout=self._timeout)
+            except grpc.RpcError as exc:
+                if attempt + 1 < attempts and retryable(exc):
+                    time.sleep(min(0.05 * 2 ** attempt, 1.0))
+                    continue
+                raise translate(exc, self._path) from None
+        raise AssertionError("unreachable")
+
+    def mint(self, workflow: str, tool: str, *, audience: str = "", ttl: int = 0) -> Minted:
+        """A fresh token from the daemon (no cache)."""
+        r = self._call(self._stub.MintToken, pb.MintTokenRequest(
+            workflow=workflow, tool=tool, audience=audience, ttl_seconds=ttl))
+        return Minted(r.token, r.jti, r.issued_at, r.expires_at)
+
+    def token(self, tool: str, audience: str = "", *, workflow: str | None = None) -> str:
+        """A valid token for ``tool``, from the cache until its refresh point, then from the daemon."""
+        wf = workflow or self._workflow
+        if not wf:
+            raise BrokerError("no workflow: pass workflow= to Client() or token()")
+        key = (wf, tool, audience)
+        hit = self._fresh(key)
+        if hit is not None:
+            return hit
+        with self._lock_for(key):
+            hit = self._fresh(key)  # another thread may have refreshed while we waited
+            if hit is not None:
+                return hit
+            old = self._cache.get(key)
+            try:
+                minted = self.mint(wf, tool, audience=audience)
+            except BrokerError:
+                # The daemon is away: a cached token that has not expired yet is still good.
+                if old is not None and old[0].expires_at > self._clock():
+                    return old[0].token
+                raise
+            self._cache[key] = (minted, minted.refresh_at(self._fraction))
+            return minted.token
+
+    def _fresh(self, key: tuple[str, str, str]) -> str | None:
+        entry = self._cache.get(key)
+        if entry is not None and self._clock() < entry[1]:
+            return entry[0].token
+        return None
+
+    def _lock_for(self, key: tuple[str, str, str]) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def verify(self, token: str, tool: str, *, audience: str = "") -> dict[str, Any]:
+        r = self._call(self._stub.VerifyToken, pb.VerifyTokenRequest(token=token, tool=tool, audience=audience))
+        claims: dict[str, Any] = json.loads(r.claims_json)
+        return claims
+
+    def jwks(self) -> str:
+        return str(self._call(self._stub.GetJWKS, pb.GetJWKSRequest()).jwks_json)
+
+    def revoke(self, tokens: list[str]) -> int:
+        """Revoke tokens this process holds (e.g. at exit). Returns how many the daemon revoked."""
+        return int(self._call(self._stub.RevokeTokens, pb.RevokeTokensRequest(tokens=tokens)).revoked)
+
+    def describe(self, workflow: str) -> list[pb.ToolDelivery]:
+        r = self._call(self._stub.DescribeWorkflow, pb.DescribeWorkflowRequest(workflow=workflow))
+        return list(r.tools)
+
+    def watch(self) -> Iterator[tuple[str, dict[str, int]]]:
+        """Yield (JWKS JSON, revoked jti -> exp) now and on every change, until the stream ends."""
+        try:
+            for msg in self._stub.WatchJWKS(pb.GetJWKSRequest()):
+                yield msg.jwks_json, {r.jti: r.expires_at for r in msg.revoked}
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise translate(exc, self._path) from None

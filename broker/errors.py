@@ -1,0 +1,91 @@
+"""The one exception hierarchy of the broker.
+
+Every error the broker raises on purpose derives from :class:`BrokerError`::
+
+    BrokerError
+    ├── ConfigError            the TOML is invalid; carries every problem with its key path
+    ├── InvalidToken           a token failed verification; opaque to callers, ``reason`` is for the audit log
+    ├── PermissionDenied       policy refused a request; opaque to callers, ``reason`` is for the audit log
+    ├── AttestationError       the kernel-reported caller could not be resolved or pinned
+    └── ClientError            raised by the client library
+        ├── Unavailable        the daemon could not be reached
+        └── RequestRejected    the daemon answered with an error status
+
+The gRPC edge (``broker.service``) is the only place that maps these to status codes, always with a
+generic message; the precise reason goes to the audit log, never to the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class BrokerError(Exception):
+    """Root of every error the broker raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One problem in a configuration file: where (a dotted key path) and what."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(BrokerError):
+    """A configuration file is invalid. ``problems`` lists all of them, each with its key path."""
+
+    def __init__(self, problems: Sequence[ConfigProblem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class _ReasonedError(BrokerError):
+    """An error whose caller-facing text is fixed and whose ``reason`` is kept for the audit log."""
+
+    public_message = "denied"
+
+    def __init__(self, reason: str) -> None:
+        # The reason is deliberately not part of str(): it may describe policy details that the
+        # caller must not learn. Only the audit log and debug logs read ``reason``.
+        super().__init__(self.public_message)
+        self.reason = reason
+
+
+class InvalidToken(_ReasonedError):
+    """A token failed verification (any cause: format, signature, claims, expiry)."""
+
+    public_message = "invalid token"
+
+
+class PermissionDenied(_ReasonedError):
+    """The policy refused the request."""
+
+    public_message = "permission denied"
+
+
+class AttestationError(_ReasonedError):
+    """The calling process could not be identified from the kernel and /proc."""
+
+    public_message = "caller could not be attested"
+
+
+class ClientError(BrokerError):
+    """Raised by the client library."""
+
+
+class Unavailable(ClientError):
+    """The daemon could not be reached (no socket, refused, timed out)."""
+
+
+class RequestRejected(ClientError):
+    """The daemon answered with an error status; ``code`` is the gRPC status name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message

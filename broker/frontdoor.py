@@ -1,0 +1,163 @@
+"""The front door: the public Unix socket, where the kernel tells us who is calling.
+
+grpcio cannot tell a servicer the peer credentials of a Unix-socket client (``peer()`` is just
+``unix:``). So the daemon accepts on the public socket itself, reads ``SO_PEERCRED``, and relays the
+connection's bytes to the internal gRPC server from an upstream socket bound to a fresh, random abstract
+name. The server's ``context.peer()`` then reads ``unix-abstract:<name>``, which :meth:`FrontDoor.lookup`
+maps back to the credentials recorded at accept.
+
+Accepting happens on a dedicated thread (blocking ``accept(2)`` releases the GIL); moving bytes happens in
+the pump (``broker._pump``: native, GIL-free, or its pure twin), so the relay never competes with request
+handlers on the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import socket
+import stat
+import threading
+from typing import Final
+
+from broker import _pump
+from broker.attest import PeerCred, peer_cred
+from broker.errors import AttestationError, BrokerError
+
+log = logging.getLogger(__name__)
+
+_ABSTRACT_PREFIX: Final = "broker-"
+_PEER_PREFIX: Final = "unix-abstract:"
+BACKLOG: Final = 1024
+
+
+def bind_public(path: str) -> socket.socket:
+    """Bind and listen on the public socket. Anyone may connect: identity comes from the kernel."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, mode=0o755, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        # Replace a stale socket from a previous run, but never delete something that is not a socket.
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise BrokerError(f"{path} exists and is not a socket; refusing to replace it")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o666)  # noqa: S103 - public by design: identity comes from SO_PEERCRED
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise BrokerError(f"cannot listen on {path}: {exc.strerror}") from None
+    return sock
+
+
+class FrontDoor:
+    """Accepts on ``listener`` and relays each connection to the gRPC server at ``internal_path``."""
+
+    def __init__(self, listener: socket.socket, internal_path: str, max_connections: int) -> None:
+        self._listener = listener
+        self._internal = internal_path
+        self._max = max_connections
+        self._ids = itertools.count(1)
+        # name -> credentials; written by the accept thread, removed by the pump thread, read by the
+        # request handlers. Single dict operations are atomic, so no lock is needed on the read path.
+        self._peers: dict[str, PeerCred] = {}
+        self._names: dict[int, str] = {}
+        self._pump = _pump.make_pump(self._closed)
+        self._thread = threading.Thread(target=self._accept_loop, name="broker-frontdoor", daemon=True)
+        self._stopping = False
+        self.accepted = 0
+        self.refused = 0
+
+    @property
+    def backend(self) -> str:
+        return _pump.BACKEND
+
+    @property
+    def connections(self) -> int:
+        return len(self._names)
+
+    def start(self) -> None:
+        self._pump.start()
+        self._thread.start()
+
+    def lookup(self, peer: str) -> PeerCred | None:
+        if not peer.startswith(_PEER_PREFIX):
+            return None
+        return self._peers.get(peer[len(_PEER_PREFIX):])
+
+    def stop_accepting(self) -> None:
+        """Close the public socket; connections already relayed keep flowing. Idempotent."""
+        if self._stopping:
+            return
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(2)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._listener.close()
+
+    def close(self) -> None:
+        """Stop accepting and drop every relayed connection. Idempotent."""
+        self.stop_accepting()
+        self._pump.stop()
+
+    def _closed(self, pair_id: int) -> None:
+        name = self._names.pop(pair_id, None)
+        if name is not None:
+            self._peers.pop(name, None)
+
+    def _accept_loop(self) -> None:
+        while not self._stopping:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                if self._stopping:
+                    return
+                log.exception("front door: accept failed")
+                continue
+            try:
+                self._admit(conn)
+            except Exception:  # one bad connection must never stop the front door
+                log.exception("front door: could not relay a connection")
+                conn.close()
+
+    def _admit(self, conn: socket.socket) -> None:
+        if len(self._names) >= self._max:
+            self.refused += 1
+            log.warning("front door: connection limit %d reached, refusing a connection", self._max)
+            conn.close()
+            return
+        try:
+            cred = peer_cred(conn)
+        except AttestationError as exc:
+            self.refused += 1
+            log.warning("front door: refusing a connection: %s", exc.reason)
+            conn.close()
+            return
+        name = _ABSTRACT_PREFIX + secrets.token_hex(12)
+        up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            # A random name cannot be pre-bound by anyone else to impersonate a later connection.
+            up.bind("\0" + name)
+            up.connect(self._internal)
+        except OSError:
+            up.close()
+            conn.close()
+            raise
+        pair_id = next(self._ids)
+        # Record the identity before the first byte can reach the server.
+        self._peers[name] = cred
+        self._names[pair_id] = name
+        self.accepted += 1
+        a, b = conn.detach(), up.detach()
+        try:
+            self._pump.add(pair_id, a, b)
+        except (BrokerError, OSError, ValueError):
+            # The pump refused the pair (it is stopping): the fds are still ours to close.
+            self._closed(pair_id)
+            os.close(a)
+            os.close(b)

@@ -1,0 +1,299 @@
+"""The gRPC edge: our ``broker.v1.Broker`` service and the SPIFFE Workload API (JWT half).
+
+This is the only module that maps broker errors to gRPC status codes. Callers get generic text; the
+precise reason goes to the audit log. Request flow per call:
+peer -> attestation (``broker.attest``) -> policy (``broker.policy``) -> token engine -> audit -> reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final, NoReturn, Protocol
+
+import grpc
+from google.protobuf import struct_pb2
+
+from broker import tokens
+from broker._spiffe import workload_pb2 as wl
+from broker._spiffe import workload_pb2_grpc as wl_grpc
+from broker.attest import Caller, PeerCred, attest
+from broker.config import Config
+from broker.errors import AttestationError, InvalidToken, PermissionDenied
+from broker.keyring import KeyRing
+from broker.policy import Grant, authorize_mint, caller_matches, svid_workflows
+from broker.v1 import broker_pb2 as pb
+from broker.v1 import broker_pb2_grpc as pb_grpc
+
+MAX_NAME: Final = 256
+MAX_REVOKE_BATCH: Final = 256
+# Revocations are remembered until the token expires; this bounds the memory a caller can pin.
+MAX_REVOKED: Final = 100_000
+SPIFFE_HEADER: Final = ("workload.spiffe.io", "true")
+
+
+class Peers(Protocol):
+    """Maps ``context.peer()`` to the kernel-verified credentials recorded at accept."""
+
+    def lookup(self, peer: str) -> PeerCred | None: ...
+
+
+class Auditor(Protocol):
+    def record(self, event: str, **fields: Any) -> None: ...
+
+
+class Runtime:
+    """What the servicers share: swappable config, the key ring, revocations, audit, peers, clock."""
+
+    def __init__(self, config: Config, ring: KeyRing, audit: Auditor, peers: Peers,
+                 clock: Callable[[], float]) -> None:
+        self.config = config
+        self.ring = ring
+        self.audit = audit
+        self.peers = peers
+        self.clock = clock
+        self.verifier = tokens.Verifier(ring.verify_keys)
+        self.revoked: dict[str, int] = {}  # jti -> exp, published on the trust stream
+        self._version = 0  # bumps on every key or revocation change
+        self._changed = asyncio.Condition()
+
+    async def keys_changed(self) -> None:
+        """The ring has new keys: verify with them and wake every stream."""
+        self.verifier.set_keys(self.ring.verify_keys)
+        now = int(self.clock())
+        self.revoked = {j: e for j, e in self.revoked.items() if e + tokens.MAX_LEEWAY > now}
+        await self._publish()
+
+    async def revoke(self, jti: str, exp: int) -> None:
+        self.verifier.revoke(jti, exp)
+        self.revoked[jti] = exp
+        await self._publish()
+
+    async def _publish(self) -> None:
+        async with self._changed:
+            self._version += 1
+            self._changed.notify_all()
+
+    async def trust_updates(self) -> AsyncIterator[tuple[str, dict[str, int]]]:
+        """(JWKS, revoked jti -> exp) now, then each time either changes (full state each time)."""
+        seen = -1
+        while True:
+            if self._version != seen:
+                seen = self._version
+                yield self.ring.jwks_json, dict(self.revoked)
+            async with self._changed:
+                await self._changed.wait_for(self._changed_since(seen))
+
+    def _changed_since(self, version: int) -> Callable[[], bool]:
+        return lambda: self._version != version
+
+    def caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        cred = self.peers.lookup(context.peer())
+        if cred is None:
+            # Only connections relayed by the front door carry a recorded identity.
+            raise AttestationError(f"no kernel identity for peer {context.peer()!r}")
+        return attest(cred)
+
+    def mint(self, grant: Grant, audience: tuple[str, ...], now: int) -> tuple[bytes, str, int]:
+        cfg = self.config.broker
+        jti = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()  # 128 random bits
+        wf, tool = grant.workflow, grant.tool
+        claims = tokens.Claims(
+            iss=f"spiffe://{cfg.trust_domain}", sub=f"spiffe://{cfg.trust_domain}/workflow/{wf.name}",
+            aud=audience, iat=now, nbf=now, exp=now + grant.ttl, jti=jti, tenant=wf.tenant, wf=wf.name,
+            tool=tool.name if tool else None, act=tool.actions if tool else (),
+            dst=tool.destinations if tool else (),
+        )
+        return tokens.mint(self.ring.current, claims), jti, claims.exp
+
+    def verify(self, token: str, audience: str, tool: str | None, now: int) -> tokens.Claims:
+        expect = tokens.Expect(self.config.broker.trust_domain, audience, tool)
+        return self.verifier.verify(token.encode("ascii", "replace"), expect, now)
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, msg: str) -> NoReturn:
+    await context.abort(code, msg)
+    raise AssertionError("unreachable: abort raises")
+
+
+def _name_ok(value: str, *, allow_empty: bool = False) -> bool:
+    return (allow_empty or bool(value)) and len(value) <= MAX_NAME and value.isprintable()
+
+
+class BrokerService(pb_grpc.BrokerServicer):
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+
+    async def MintToken(self, request: pb.MintTokenRequest,
+                        context: grpc.aio.ServicerContext[Any, Any]) -> pb.MintTokenResponse:
+        rt = self._rt
+        if not (_name_ok(request.workflow) and _name_ok(request.tool) and _name_ok(request.audience,
+                                                                                     allow_empty=True)):
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "workflow and tool are required")
+        audience = request.audience or request.tool
+        fields: dict[str, Any] = {"workflow": request.workflow, "tool": request.tool, "audience": audience}
+        caller: Caller | None = None
+        try:
+            caller = rt.caller(context)
+            grant = authorize_mint(rt.config, caller, request.workflow, request.tool, request.ttl_seconds)
+        except (AttestationError, PermissionDenied) as exc:
+            rt.audit.record("deny", **fields, **(caller.audit_fields() if caller else {}),
+                            decision="deny", reason=exc.reason)
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+        now = int(rt.clock())
+        token, jti, exp = rt.mint(grant, (audience,), now)
+        rt.audit.record("mint", **fields, **caller.audit_fields(), jti=jti, exp=exp, kid=rt.ring.current.kid,
+                        decision="allow", reason="policy")
+        return pb.MintTokenResponse(token=token.decode("ascii"), jti=jti, expires_at=exp, issued_at=now)
+
+    async def VerifyToken(self, request: pb.VerifyTokenRequest,
+                          context: grpc.aio.ServicerContext[Any, Any]) -> pb.VerifyTokenResponse:
+        if not (_name_ok(request.tool) and _name_ok(request.audience, allow_empty=True)):
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "tool is required")
+        try:
+            claims = self._rt.verify(request.token, request.audience or request.tool, request.tool,
+                                     int(self._rt.clock()))
+        except InvalidToken as exc:
+            self._rt.audit.record("verify", tool=request.tool, decision="deny", reason=exc.reason)
+            # The presenter already holds the token; telling it why it failed leaks nothing new.
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"invalid token: {exc.reason}")
+        return pb.VerifyTokenResponse(claims_json=json.dumps(claims.to_json_dict(), separators=(",", ":")))
+
+    async def GetJWKS(self, request: pb.GetJWKSRequest,
+                      context: grpc.aio.ServicerContext[Any, Any]) -> pb.JWKS:
+        return pb.JWKS(jwks_json=self._rt.ring.jwks_json)
+
+    async def WatchJWKS(self, request: pb.GetJWKSRequest,
+                        context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.JWKS]:
+        async for doc, revoked in self._rt.trust_updates():
+            yield pb.JWKS(jwks_json=doc, revoked=[pb.RevokedToken(jti=j, expires_at=e) for j, e in revoked.items()])
+
+    async def RevokeTokens(self, request: pb.RevokeTokensRequest,
+                           context: grpc.aio.ServicerContext[Any, Any]) -> pb.RevokeTokensResponse:
+        rt = self._rt
+        if len(request.tokens) > MAX_REVOKE_BATCH:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_REVOKE_BATCH} tokens per call")
+        try:
+            caller = rt.caller(context)
+        except AttestationError as exc:
+            rt.audit.record("deny", rpc="RevokeTokens", decision="deny", reason=exc.reason)
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+        now = int(rt.clock())
+        count = 0
+        for token in request.tokens:
+            try:
+                # Possession of a validly signed token is the first half of the right to revoke it ...
+                _, payload = tokens.verify_signature(token.encode("ascii", "replace"), rt.ring.verify_keys)
+                claims = json.loads(payload)
+                jti, exp, wf = str(claims["jti"]), int(claims["exp"]), rt.config.workflows.get(str(claims["wf"]))
+            except (InvalidToken, ValueError, KeyError, TypeError):
+                continue  # garbage, foreign or malformed: nothing of ours to revoke
+            # ... the second is being a caller of its workflow, so a leaked token cannot be used to
+            # revoke tokens of a workflow one has nothing to do with.
+            if wf is None or not caller_matches(wf, caller) or exp + tokens.MAX_LEEWAY <= now:
+                continue
+            if jti not in rt.revoked and len(rt.revoked) >= MAX_REVOKED:
+                await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "revocation list is full")
+            await rt.revoke(jti, exp)
+            rt.audit.record("revoke", workflow=wf.name, tool=claims.get("tool"), jti=jti, exp=exp,
+                            **caller.audit_fields(), decision="allow", reason="holder revoked")
+            count += 1
+        return pb.RevokeTokensResponse(revoked=count)
+
+    async def DescribeWorkflow(self, request: pb.DescribeWorkflowRequest,
+                               context: grpc.aio.ServicerContext[Any, Any]) -> pb.DescribeWorkflowResponse:
+        rt = self._rt
+        if not _name_ok(request.workflow):
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "workflow is required")
+        caller: Caller | None = None
+        try:
+            caller = rt.caller(context)
+            wf = rt.config.workflows.get(request.workflow)
+            if wf is None or not caller_matches(wf, caller):
+                raise PermissionDenied(f"caller may not use workflow {request.workflow!r}")
+        except (AttestationError, PermissionDenied) as exc:
+            rt.audit.record("deny", workflow=request.workflow, **(caller.audit_fields() if caller else {}),
+                            decision="deny", reason=exc.reason)
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+        return pb.DescribeWorkflowResponse(workflow=wf.name, tools=[
+            pb.ToolDelivery(tool=t.name, ttl_seconds=t.ttl, env=t.env or "", file=t.file or "",
+                            has_secret=t.secret is not None) for t in wf.tools.values()])
+
+
+class WorkloadAPI(wl_grpc.SpiffeWorkloadAPIServicer):
+    """The JWT half of the SPIFFE Workload API; X.509 calls answer UNIMPLEMENTED."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+
+    @staticmethod
+    async def _require_header(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        # The spec's SSRF guard: a request forwarded by a confused HTTP client lacks this header.
+        if SPIFFE_HEADER not in tuple(context.invocation_metadata() or ()):
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         "security header missing from request")
+
+    async def FetchX509SVID(self, request: wl.X509SVIDRequest,
+                            context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[wl.X509SVIDResponse]:
+        await self._require_header(context)
+        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "X.509-SVIDs are not served by this broker")
+        yield wl.X509SVIDResponse()  # pragma: no cover - makes this an async generator
+
+    async def FetchX509Bundles(self, request: wl.X509BundlesRequest, context: grpc.aio.ServicerContext[
+            Any, Any]) -> AsyncIterator[wl.X509BundlesResponse]:
+        await self._require_header(context)
+        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "X.509 bundles are not served by this broker")
+        yield wl.X509BundlesResponse()  # pragma: no cover - makes this an async generator
+
+    async def FetchJWTSVID(self, request: wl.JWTSVIDRequest,
+                           context: grpc.aio.ServicerContext[Any, Any]) -> wl.JWTSVIDResponse:
+        await self._require_header(context)
+        rt = self._rt
+        audience = tuple(request.audience)
+        if not audience or len(audience) > 16 or not all(_name_ok(a) for a in audience) \
+                or not _name_ok(request.spiffe_id, allow_empty=True):
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+        caller: Caller | None = None
+        try:
+            caller = rt.caller(context)
+            workflows = svid_workflows(rt.config, caller, request.spiffe_id)
+        except (AttestationError, PermissionDenied) as exc:
+            rt.audit.record("deny", spiffe_id=request.spiffe_id, audience=list(audience),
+                            **(caller.audit_fields() if caller else {}), decision="deny", reason=exc.reason)
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "no identity issued")
+        now = int(rt.clock())
+        svids = []
+        for wf in workflows:
+            token, jti, exp = rt.mint(Grant(wf, None, rt.config.broker.token_ttl), audience, now)
+            rt.audit.record("mint", workflow=wf.name, tool=None, audience=list(audience), **caller.audit_fields(),
+                            jti=jti, exp=exp, kid=rt.ring.current.kid, decision="allow", reason="svid")
+            svids.append(wl.JWTSVID(spiffe_id=f"spiffe://{rt.config.broker.trust_domain}/workflow/{wf.name}",
+                                    svid=token.decode("ascii")))
+        return wl.JWTSVIDResponse(svids=svids)
+
+    async def FetchJWTBundles(self, request: wl.JWTBundlesRequest, context: grpc.aio.ServicerContext[
+            Any, Any]) -> AsyncIterator[wl.JWTBundlesResponse]:
+        await self._require_header(context)
+        td = f"spiffe://{self._rt.config.broker.trust_domain}"
+        last = ""
+        async for doc, _ in self._rt.trust_updates():
+            if doc != last:  # SPIFFE bundles carry keys only; revocations alone are no news here
+                last = doc
+                yield wl.JWTBundlesResponse(bundles={td: doc.encode()})
+
+    async def ValidateJWTSVID(self, request: wl.ValidateJWTSVIDRequest,
+                              context: grpc.aio.ServicerContext[Any, Any]) -> wl.ValidateJWTSVIDResponse:
+        await self._require_header(context)
+        if not request.svid or not _name_ok(request.audience):
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "svid and audience must be specified")
+        try:
+            claims = self._rt.verify(request.svid, request.audience, None, int(self._rt.clock()))
+        except InvalidToken as exc:
+            self._rt.audit.record("verify", audience=request.audience, decision="deny", reason=exc.reason)
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"could not validate JWT-SVID: {exc.reason}")
+        st = struct_pb2.Struct()
+        st.update(claims.to_json_dict())
+        return wl.ValidateJWTSVIDResponse(spiffe_id=claims.sub, claims=st)

@@ -1,0 +1,104 @@
+"""A long-lived verifier: a key set, a cache of verified tokens, and the revoked jtis.
+
+The functions in ``broker.tokens`` are stateless; this is the object a daemon or a tool server keeps to
+verify the same tokens many times cheaply, and to take keys and tokens back out of service.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+
+from broker.errors import InvalidToken
+from broker.tokens._backend import ENGINE
+from broker.tokens._claims import MAX_LEEWAY, Claims, Expect
+from broker.tokens._engine import Engine, VerifiedCacheLike
+from broker.tokens._keys import VerifyKey
+
+DEFAULT_CACHE_ENTRIES = 4096
+
+
+class Verifier:
+    """Verify tokens against a key set, answering repeated tokens from a bounded cache.
+
+    ``verify`` is safe to call from several threads. A cache hit costs a SHA-256 of the token, a dict
+    lookup and the claim checks; a miss is a full :func:`broker.tokens.verify`.
+    """
+
+    def __init__(self, keys: Mapping[str, VerifyKey] | Iterable[VerifyKey],
+                 cache: VerifiedCacheLike | None = None, *, engine: Engine | None = None) -> None:
+        self._engine = ENGINE if engine is None else engine
+        self._cache = self._engine.VerifiedCache(DEFAULT_CACHE_ENTRIES) if cache is None else cache
+        self._keys: dict[str, VerifyKey] = _by_kid(keys)
+        self._revoked: dict[str, int] = {}
+        self._next_prune: int | None = None
+        # Guards the rare writers (key changes, revocations, pruning); readers take one reference.
+        self._lock = threading.Lock()
+
+    @property
+    def keys(self) -> Mapping[str, VerifyKey]:
+        return self._keys
+
+    @property
+    def cache(self) -> VerifiedCacheLike:
+        return self._cache
+
+    def verify(self, token: bytes | str, expect: Expect, now: int) -> Claims:
+        """Return the token's claims or raise :class:`InvalidToken` (reason inside)."""
+        claims = self._cache.lookup(token, expect, now)
+        if claims is not None:
+            return claims
+        keys = self._keys
+        header, payload = self._engine.verify_signature(token, keys)
+        claims = self._engine.parse_claims(payload)
+        self._engine.check_claims(claims, expect, now)
+        if self._next_prune is not None and now >= self._next_prune:
+            self._prune(now)
+        if claims.jti in self._revoked:
+            raise InvalidToken("revoked")
+        kid = header["kid"]
+        self._cache.put(token, claims, kid, now)
+        # A revoke() or retire_key() that ran between the checks above and the put has already swept the
+        # cache, so look again after it: whichever ran second sees the other's write.
+        if claims.jti in self._revoked or kid not in self._keys:
+            self._cache.discard_jti(claims.jti)
+            raise InvalidToken("revoked" if claims.jti in self._revoked else "unknown kid")
+        return claims
+
+    def set_keys(self, keys: Mapping[str, VerifyKey] | Iterable[VerifyKey]) -> None:
+        """Replace the key set (rotation); tokens cached under a kid that left the set are dropped."""
+        new = _by_kid(keys)
+        with self._lock:
+            gone = self._keys.keys() - new.keys()
+            self._keys = new
+            for kid in gone:
+                self._cache.discard_kid(kid)
+
+    def retire_key(self, kid: str) -> None:
+        """Stop accepting tokens signed by ``kid``, cached ones included."""
+        with self._lock:
+            self._keys = {k: v for k, v in self._keys.items() if k != kid}
+            self._cache.discard_kid(kid)
+
+    def revoke(self, jti: str, exp: int) -> None:
+        """Refuse the token ``jti`` from now on; remembered until ``exp`` + the largest leeway."""
+        with self._lock:
+            self._revoked[jti] = max(exp, self._revoked.get(jti, exp))
+            forget_at = exp + MAX_LEEWAY
+            if self._next_prune is None or forget_at < self._next_prune:
+                self._next_prune = forget_at
+            self._cache.discard_jti(jti)
+
+    def _prune(self, now: int) -> None:
+        # Past exp + MAX_LEEWAY no verifier accepts the token anyway, so its revocation can be forgotten.
+        with self._lock:
+            self._revoked = {j: e for j, e in self._revoked.items() if now < e + MAX_LEEWAY}
+            self._next_prune = min(self._revoked.values(), default=None)
+            if self._next_prune is not None:
+                self._next_prune += MAX_LEEWAY
+
+
+def _by_kid(keys: Mapping[str, VerifyKey] | Iterable[VerifyKey]) -> dict[str, VerifyKey]:
+    if isinstance(keys, Mapping):
+        return dict(keys)
+    return {k.kid: k for k in keys}

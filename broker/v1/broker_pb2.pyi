@@ -1,0 +1,107 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class MintTokenRequest(_message.Message):
+    __slots__ = ("workflow", "tool", "audience", "ttl_seconds")
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCE_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    workflow: str
+    tool: str
+    audience: str
+    ttl_seconds: int
+    def __init__(self, workflow: _Optional[str] = ..., tool: _Optional[str] = ..., audience: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class MintTokenResponse(_message.Message):
+    __slots__ = ("token", "jti", "expires_at", "issued_at")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    JTI_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_AT_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    jti: str
+    expires_at: int
+    issued_at: int
+    def __init__(self, token: _Optional[str] = ..., jti: _Optional[str] = ..., expires_at: _Optional[int] = ..., issued_at: _Optional[int] = ...) -> None: ...
+
+class VerifyTokenRequest(_message.Message):
+    __slots__ = ("token", "tool", "audience")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCE_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    tool: str
+    audience: str
+    def __init__(self, token: _Optional[str] = ..., tool: _Optional[str] = ..., audience: _Optional[str] = ...) -> None: ...
+
+class VerifyTokenResponse(_message.Message):
+    __slots__ = ("claims_json",)
+    CLAIMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    claims_json: str
+    def __init__(self, claims_json: _Optional[str] = ...) -> None: ...
+
+class GetJWKSRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class JWKS(_message.Message):
+    __slots__ = ("jwks_json", "revoked")
+    JWKS_JSON_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    jwks_json: str
+    revoked: _containers.RepeatedCompositeFieldContainer[RevokedToken]
+    def __init__(self, jwks_json: _Optional[str] = ..., revoked: _Optional[_Iterable[_Union[RevokedToken, _Mapping]]] = ...) -> None: ...
+
+class RevokedToken(_message.Message):
+    __slots__ = ("jti", "expires_at")
+    JTI_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    jti: str
+    expires_at: int
+    def __init__(self, jti: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
+
+class RevokeTokensRequest(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tokens: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RevokeTokensResponse(_message.Message):
+    __slots__ = ("revoked",)
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: int
+    def __init__(self, revoked: _Optional[int] = ...) -> None: ...
+
+class DescribeWorkflowRequest(_message.Message):
+    __slots__ = ("workflow",)
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    workflow: str
+    def __init__(self, workflow: _Optional[str] = ...) -> None: ...
+
+class ToolDelivery(_message.Message):
+    __slots__ = ("tool", "ttl_seconds", "env", "file", "has_secret")
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    HAS_SECRET_FIELD_NUMBER: _ClassVar[int]
+    tool: str
+    ttl_seconds: int
+    env: str
+    file: str
+    has_secret: bool
+    def __init__(self, tool: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., env: _Optional[str] = ..., file: _Optional[str] = ..., has_secret: _Optional[bool] = ...) -> None: ...
+
+class DescribeWorkflowResponse(_message.Message):
+    __slots__ = ("workflow", "tools")
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    workflow: str
+    tools: _containers.RepeatedCompositeFieldContainer[ToolDelivery]
+    def __init__(self, workflow: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[ToolDelivery, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,115 @@
+"""Attestation from the kernel and /proc, on real sockets and real processes."""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import os
+import pwd
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from broker import attest
+from broker.config import CallerRule
+from broker.errors import AttestationError
+
+
+def me(uid: int | None = None) -> attest.PeerCred:
+    return attest.PeerCred(os.getpid(), os.geteuid() if uid is None else uid, os.getegid(),
+                           attest.ProcessHandle(os.pidfd_open(os.getpid())))
+
+
+def _connected_pair(tmp_path: object) -> tuple[socket.socket, socket.socket, socket.socket]:
+    path = os.path.join(str(tmp_path), "s.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen()
+    cli = socket.socket(socket.AF_UNIX)
+    cli.connect(path)
+    conn, _ = srv.accept()
+    return srv, cli, conn
+
+
+def test_peer_cred_reports_this_process(tmp_path: object) -> None:
+    srv, cli, conn = _connected_pair(tmp_path)
+    with srv, cli, conn:
+        cred = attest.peer_cred(conn)
+    assert (cred.pid, cred.uid, cred.gid) == (os.getpid(), os.geteuid(), os.getegid())
+    assert cred.process.alive()
+    assert attest.start_time(os.getpid()) > 0
+
+
+def test_peer_cred_of_a_child_process(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "s.sock")
+    with socket.socket(socket.AF_UNIX) as srv:
+        srv.bind(path)
+        srv.listen()
+        child = subprocess.Popen([sys.executable, "-c",
+                                  "import socket,sys,time; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
+                                  " s.recv(1)", path])
+        conn, _ = srv.accept()
+        with conn:
+            cred = attest.peer_cred(conn)
+            assert cred.pid == child.pid
+            caller = attest.attest(cred)
+            assert caller.exe == os.path.realpath(sys.executable)
+            conn.send(b"x")
+        child.wait(10)
+    # The process is gone: attesting it again must fail, never succeed with stale data, even though
+    # the pid number may already belong to someone else.
+    assert not cred.process.alive()
+    with pytest.raises(AttestationError) as exc:
+        attest.attest(cred)
+    assert "exited" in exc.value.reason
+    assert str(exc.value) == "caller could not be attested"  # the reason never reaches str()
+
+
+def test_pidfd_fallback_pins_the_process() -> None:
+    """Without SO_PEERPIDFD (kernels before 6.5) the pid is pinned with pidfd_open + start time."""
+    with socket.socket(socket.AF_UNIX) as unconnected:  # has no peer, so SO_PEERPIDFD fails
+        assert attest._pidfd(unconnected, os.getpid()).alive()
+
+
+def test_changed_credentials_are_detected() -> None:
+    with pytest.raises(AttestationError) as exc:
+        attest.attest(me(uid=os.geteuid() + 1))
+    assert "changed credentials" in exc.value.reason
+
+
+def test_selectors_match_this_process() -> None:
+    caller = attest.attest(me())
+    exe = os.path.realpath(sys.executable)
+    with open(exe, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    group = grp.getgrgid(os.getegid()).gr_name
+    good = [CallerRule(uid=os.geteuid()), CallerRule(gid=os.getegid()), CallerRule(user=user),
+            CallerRule(group=group), CallerRule(exe=exe), CallerRule(exe_sha256=digest),
+            CallerRule(uid=os.geteuid(), exe=exe, exe_sha256=digest, user=user)]
+    for rule in good:
+        assert attest.matches(rule, caller), rule
+    bad = [CallerRule(uid=os.geteuid() + 1), CallerRule(gid=os.getegid() + 1), CallerRule(user="no-such-user"),
+           CallerRule(group="no-such-group"), CallerRule(exe="/usr/bin/false"), CallerRule(exe_sha256="0" * 64),
+           CallerRule(systemd_unit="nope.service"),
+           # every selector must match, not just one
+           CallerRule(uid=os.geteuid(), exe="/usr/bin/false")]
+    for rule in bad:
+        assert not attest.matches(rule, caller), rule
+
+
+def test_systemd_unit_from_cgroup() -> None:
+    caller = attest.attest(me())
+    with open(f"/proc/{os.getpid()}/cgroup") as f:
+        line = next((x for x in f.read().splitlines() if x.startswith("0::")), "")
+    units = [p for p in line[3:].split("/") if p.endswith((".service", ".scope"))]
+    assert caller.systemd_unit == (units[-1] if units else None)
+    assert "unit" in caller.audit_fields()
+
+
+def test_exe_hash_is_cached_per_binary() -> None:
+    first = attest.exe_sha256(attest.attest(me()))
+    assert first is not None and len(first) == 64
+    assert attest.exe_sha256(attest.attest(me())) == first

@@ -1,0 +1,443 @@
+"""The byte pump, each test run against both twins (native epoll loop and pure-Python selectors loop).
+
+Connections are real: an agent connects to a listening "front door" socket, the accepted fd and a fresh
+connection to a listening "daemon" socket are handed to the pump, as the front door does.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker import _pump
+from broker.errors import BrokerError
+
+try:
+    from broker._pump_native import NativePump
+except ImportError:
+    NativePump = None  # type: ignore[assignment,misc]
+
+# A generous bound for waits that only guard against hangs; no test asserts on timing.
+HANG_GUARD = 30.0
+
+
+def _pure(on_close: Callable[[int], None]) -> _pump.Pump:
+    return _pump.PurePump(on_close)
+
+
+def _native(on_close: Callable[[int], None]) -> _pump.Pump:
+    if NativePump is None:
+        pytest.skip("broker._pump_native is not built (python setup.py build_ext --inplace)")
+    return NativePump(on_close)
+
+
+@pytest.fixture(params=[_native, _pure], ids=["native", "pure"])
+def factory(request: pytest.FixtureRequest) -> Callable[[Callable[[int], None]], _pump.Pump]:
+    return request.param  # type: ignore[no-any-return]
+
+
+class Closed:
+    """Records on_close calls and lets a test wait for them."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.threads: set[str] = set()
+        self._cond = threading.Condition()
+
+    def __call__(self, pair_id: int) -> None:
+        with self._cond:
+            self.ids.append(pair_id)
+            self.threads.add(threading.current_thread().name)
+            self._cond.notify_all()
+
+    def wait(self, count: int) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.ids) >= count, HANG_GUARD), self.ids
+
+    def assert_once_each(self) -> None:
+        dupes = [i for i, n in collections.Counter(self.ids).items() if n > 1]
+        assert not dupes, f"on_close called more than once for {dupes}"
+
+
+class Wire:
+    """A front-door listener and a daemon listener, both real Unix sockets."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.front_path = str(tmp / "front.sock")
+        self.daemon_path = str(tmp / "daemon.sock")
+        self.front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.front.bind(self.front_path)
+        self.front.listen(512)
+        self.daemon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.daemon.bind(self.daemon_path)
+        self.daemon.listen(512)
+        self.opened: list[socket.socket] = []
+
+    def open(self, pump: _pump.Pump, pair_id: int) -> tuple[socket.socket, socket.socket]:
+        """Connect an agent, relay it through the pump; returns (agent end, daemon end)."""
+        agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        agent.connect(self.front_path)
+        accepted, _ = self.front.accept()
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        upstream.connect(self.daemon_path)
+        server, _ = self.daemon.accept()
+        pump.add(pair_id, accepted.detach(), upstream.detach())
+        for s in (agent, server):
+            s.settimeout(HANG_GUARD)
+            self.opened.append(s)
+        return agent, server
+
+    def close(self) -> None:
+        for s in [*self.opened, self.front, self.daemon]:
+            s.close()
+
+
+@pytest.fixture
+def wire(tmp_path: Path) -> Iterator[Wire]:
+    w = Wire(tmp_path)
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def closed() -> Closed:
+    return Closed()
+
+
+@pytest.fixture
+def pump(factory: Callable[[Callable[[int], None]], _pump.Pump], closed: Closed) -> Iterator[_pump.Pump]:
+    p = factory(closed)
+    p.start()
+    yield p
+    p.stop()
+    closed.assert_once_each()
+    assert p.active == 0
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def run_threads(*targets: Callable[[], Any]) -> None:
+    errors: list[BaseException] = []
+
+    def guarded(fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(t,)) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HANG_GUARD * 2)
+        assert not t.is_alive()
+    if errors:
+        raise errors[0]
+
+
+def test_echo(pump: _pump.Pump, wire: Wire, closed: Closed) -> None:
+    agent, server = wire.open(pump, 7)
+    agent.sendall(b"ping")
+    assert server.recv(100) == b"ping"
+    server.sendall(b"pong")
+    assert agent.recv(100) == b"pong"
+    assert pump.active == 1
+    agent.close()
+    assert server.recv(100) == b""  # the agent's EOF is forwarded
+    server.close()
+    closed.wait(1)
+    assert closed.ids == [7]
+    assert closed.threads == {"broker-pump"}
+    assert pump.active == 0
+
+
+def test_bulk_both_directions_at_once(pump: _pump.Pump, wire: Wire, closed: Closed) -> None:
+    agent, server = wire.open(pump, 1)
+    up, down = os.urandom(10 * 1024 * 1024), os.urandom(10 * 1024 * 1024)
+    got: dict[str, bytes] = {}
+
+    def send(sock: socket.socket, data: bytes) -> None:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+
+    def receive(sock: socket.socket, key: str) -> None:
+        got[key] = recv_all(sock)
+
+    run_threads(
+        lambda: send(agent, up),
+        lambda: send(server, down),
+        lambda: receive(server, "up"),
+        lambda: receive(agent, "down"),
+    )
+    assert hashlib.sha256(got["up"]).hexdigest() == hashlib.sha256(up).hexdigest()
+    assert hashlib.sha256(got["down"]).hexdigest() == hashlib.sha256(down).hexdigest()
+    # Both directions forwarded EOF, so the pump closes the pair by itself.
+    closed.wait(1)
+    assert closed.ids == [1]
+
+
+def test_half_close_still_gets_response(pump: _pump.Pump, wire: Wire, closed: Closed) -> None:
+    agent, server = wire.open(pump, 3)
+    agent.sendall(b"request")
+    agent.shutdown(socket.SHUT_WR)
+    assert recv_all(server) == b"request"
+    assert pump.active == 1  # half-closed is still open
+    server.sendall(b"response")
+    server.close()
+    assert recv_all(agent) == b"response"
+    closed.wait(1)
+    assert closed.ids == [3]
+
+
+@pytest.mark.parametrize("resetting_side", ["daemon", "agent"])
+def test_peer_reset_closes_both(pump: _pump.Pump, wire: Wire, closed: Closed, resetting_side: str) -> None:
+    agent, server = wire.open(pump, 5)
+    sender, resetter = (agent, server) if resetting_side == "daemon" else (server, agent)
+    sender.sendall(b"unread")
+    # Wait until the bytes sit in the resetter's queue, then close without reading them: on a Unix
+    # socket that gives the peer (the pump) ECONNRESET.
+    assert resetter.recv(6, socket.MSG_PEEK) == b"unread"
+    resetter.close()
+    closed.wait(1)
+    with contextlib.suppress(ConnectionResetError):
+        assert sender.recv(100) == b""
+    assert closed.ids == [5]
+    assert pump.active == 0
+
+
+def test_many_pairs(pump: _pump.Pump, wire: Wire, closed: Closed) -> None:
+    n = 200
+    ends = [wire.open(pump, i) for i in range(n)]
+    assert pump.active == n
+    for i, (agent, _) in enumerate(ends):
+        agent.sendall(b"req-%d" % i)
+    for i, (_, server) in enumerate(ends):
+        assert server.recv(100) == b"req-%d" % i
+        server.sendall(b"resp-%d" % i)
+    for i, (agent, server) in enumerate(ends):
+        assert agent.recv(100) == b"resp-%d" % i
+        # Close from alternating sides so both EOF paths run; the other side sees the EOF.
+        closer, other = (agent, server) if i % 2 else (server, agent)
+        closer.close()
+        assert other.recv(100) == b""
+        other.close()
+    closed.wait(n)
+    assert sorted(closed.ids) == list(range(n))
+
+
+def test_no_fd_leak(factory: Callable[[Callable[[int], None]], _pump.Pump], wire: Wire) -> None:
+    closed = Closed()
+    before = fd_count()
+    pump = factory(closed)
+    pump.start()
+    ends = [wire.open(pump, i) for i in range(30)]
+    for i, (agent, server) in enumerate(ends):
+        agent.sendall(b"x")
+        assert server.recv(1) == b"x"
+        if i % 3 == 0:
+            agent.close()  # clean close from the agent
+            server.close()
+        elif i % 3 == 1:
+            agent.sendall(b"unread")
+            assert server.recv(6, socket.MSG_PEEK) == b"unread"
+            server.close()  # reset
+    closed.wait(20)
+    pump.stop()  # the last third is still open
+    closed.wait(30)
+    closed.assert_once_each()
+    for agent, server in ends:
+        agent.close()
+        server.close()
+    wire.opened.clear()
+    assert fd_count() == before
+
+
+def test_stop_closes_open_pairs(
+    factory: Callable[[Callable[[int], None]], _pump.Pump], wire: Wire, closed: Closed
+) -> None:
+    pump = factory(closed)
+    pump.start()
+    ends = [wire.open(pump, i) for i in range(5)]
+    pump.stop()
+    assert sorted(closed.ids) == list(range(5))
+    assert pump.active == 0
+    for agent, server in ends:
+        assert agent.recv(10) == b""
+        assert server.recv(10) == b""
+    pump.stop()  # idempotent
+    assert len(closed.ids) == 5
+
+
+def test_stop_without_start_closes_queued(
+    factory: Callable[[Callable[[int], None]], _pump.Pump], closed: Closed
+) -> None:
+    before = fd_count()
+    pump = factory(closed)
+    mine, theirs = socket.socketpair()
+    pump.add(9, theirs.detach(), os.dup(mine.fileno()))
+    pump.stop()
+    assert closed.ids == [9]
+    assert closed.threads == {threading.current_thread().name}
+    with pytest.raises(BrokerError):
+        pump.start()
+    mine.close()
+    assert fd_count() == before
+
+
+def test_add_after_stop_raises_and_leaves_fds(
+    factory: Callable[[Callable[[int], None]], _pump.Pump], closed: Closed
+) -> None:
+    pump = factory(closed)
+    pump.start()
+    pump.stop()
+    a, b = socket.socketpair()
+    with pytest.raises(BrokerError):
+        pump.add(1, a.fileno(), b.fileno())
+    # The fds are still the caller's, unchanged, and still work.
+    assert a.getblocking()
+    assert b.getblocking()
+    a.sendall(b"ok")
+    assert b.recv(2) == b"ok"
+    a.close()
+    b.close()
+    assert closed.ids == []
+
+
+def test_backpressure_blocks_writer(pump: _pump.Pump, wire: Wire, closed: Closed) -> None:
+    agent, server = wire.open(pump, 2)
+    agent.setblocking(False)
+    chunk = os.urandom(65536)
+    sent = 0
+    offered = hashlib.sha256()
+    while sent < 64 * 1024 * 1024:
+        try:
+            n = agent.send(chunk)
+            offered.update(chunk[:n])
+            sent += n
+        except BlockingIOError:
+            # Writable again soon means the pump still drains into the daemon's socket; a long wait
+            # means everything between the two ends is full. The wait only tells the two apart.
+            _, writable, _ = select.select([], [agent], [], 1.0)
+            if not writable:
+                break
+    # Two kernel socket buffers and the pump's 64 KiB: far below what the writer offered.
+    assert sent < 4 * 1024 * 1024, f"pump accepted {sent} bytes from a stalled path"
+    agent.setblocking(True)
+    agent.shutdown(socket.SHUT_WR)
+    assert hashlib.sha256(recv_all(server)).digest() == offered.digest()
+    server.close()
+    closed.wait(1)
+
+
+def test_callback_errors_are_ignored(factory: Callable[[Callable[[int], None]], _pump.Pump], wire: Wire) -> None:
+    seen: list[int] = []
+
+    def on_close(pair_id: int) -> None:
+        seen.append(pair_id)
+        raise RuntimeError("faulty callback")
+
+    pump = factory(on_close)
+    pump.start()
+    agent, server = wire.open(pump, 1)
+    agent.close()
+    server.close()
+    agent, server = wire.open(pump, 2)  # the loop survived the first callback
+    agent.sendall(b"still relaying")
+    assert server.recv(100) == b"still relaying"
+    pump.stop()
+    assert sorted(seen) == [1, 2]
+
+
+def test_stop_from_on_close(factory: Callable[[Callable[[int], None]], _pump.Pump], wire: Wire) -> None:
+    holder: list[_pump.Pump] = []
+    seen: list[int] = []
+
+    def on_close(pair_id: int) -> None:
+        seen.append(pair_id)
+        holder[0].stop()  # must not deadlock: the pump thread cannot join itself
+
+    pump = factory(on_close)
+    holder.append(pump)
+    pump.start()
+    a1, s1 = wire.open(pump, 1)
+    wire.open(pump, 2)
+    a1.close()
+    s1.close()
+    pump.stop()
+    assert sorted(seen) == [1, 2]
+
+
+def test_non_stream_fds_are_refused_and_left_to_caller(
+    factory: Callable[[Callable[[int], None]], _pump.Pump], closed: Closed, tmp_path: Path
+) -> None:
+    pump = factory(closed)
+    pump.start()
+    regular = os.open(tmp_path / "f", os.O_CREAT | os.O_RDWR)
+    mine, theirs = socket.socketpair()
+    with pytest.raises(OSError):
+        pump.add(4, theirs.fileno(), regular)
+    d1, d2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with pytest.raises(ValueError):
+        pump.add(5, theirs.fileno(), d1.fileno())
+    pump.stop()
+    assert closed.ids == []
+    # Still the caller's, unchanged: blocking and working.
+    assert theirs.getblocking()
+    mine.sendall(b"ok")
+    assert theirs.recv(2) == b"ok"
+    os.fstat(regular)
+    for s in (mine, theirs, d1, d2):
+        s.close()
+    os.close(regular)
+
+
+def test_invalid_fds_rejected(factory: Callable[[Callable[[int], None]], _pump.Pump], closed: Closed) -> None:
+    pump = factory(closed)
+    with pytest.raises(ValueError):
+        pump.add(1, 3, 3)
+    with pytest.raises(ValueError):
+        pump.add(1, -1, 3)
+    pump.stop()
+
+
+def test_twins_expose_the_same_interface() -> None:
+    if NativePump is None:
+        pytest.skip("broker._pump_native is not built")
+
+    def public(cls: type) -> set[str]:
+        return {n for n in dir(cls) if not n.startswith("_")}
+
+    assert public(NativePump) == public(_pump.PurePump) == {"start", "add", "stop", "active"}
+
+
+@pytest.mark.parametrize(("env", "expected"), [({"BROKER_PUREPYTHON": "1"}, "pure"), ({}, None)])
+def test_backend_selection(env: dict[str, str], expected: str | None) -> None:
+    if expected is None:
+        expected = "pure" if NativePump is None else "native"
+    clean = {k: v for k, v in os.environ.items() if k != "BROKER_PUREPYTHON"}
+    code = "import broker._pump as p; print(p.BACKEND, type(p.make_pump(print)).__name__)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == [expected, "NativePump" if expected == "native" else "PurePump"]

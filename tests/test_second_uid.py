@@ -1,0 +1,76 @@
+"""Identity comes from the kernel: a real second uid is refused what root may have, and cannot reach the
+internal gRPC socket at all. Needs root to create a throwaway system user."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from broker.client import Client
+from broker.errors import PermissionDenied
+from broker.testing import WorkflowSpec, config_text, running_daemon
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a throwaway user (useradd)")
+HELPER = os.path.join(os.path.dirname(__file__), "_as_user.py")
+
+
+@pytest.fixture
+def throwaway_user() -> Iterator[pwd.struct_passwd]:
+    name = "brk-" + secrets.token_hex(4)
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], check=False)
+
+
+def as_user(user: pwd.struct_passwd, *args: str) -> dict[str, object]:
+    r = subprocess.run([sys.executable, HELPER, str(user.pw_uid), str(user.pw_gid), *args],
+                       capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stderr
+    result: dict[str, object] = json.loads(r.stdout)
+    assert result["uid"] == user.pw_uid
+    return result
+
+
+def test_second_uid_is_denied_and_locked_out_of_the_internal_socket(
+        short_tmp: str, throwaway_user: pwd.struct_passwd) -> None:
+    os.chmod(short_tmp, 0o755)  # the public socket's directory must be reachable by everyone
+    workflows = [
+        WorkflowSpec("root-only", callers=[{"uid": 0}], tools=[{"name": "read_ticket"}]),
+        WorkflowSpec("agent", callers=[{"user": throwaway_user.pw_name}], tools=[{"name": "read_ticket"}]),
+    ]
+    path = os.path.join(short_tmp, "broker.toml")
+    with open(path, "w") as f:
+        f.write(config_text(short_tmp, workflows))
+    sock = os.path.join(short_tmp, "broker.sock")
+    with running_daemon(path, sock, os.path.join(short_tmp, "audit.jsonl")) as d:
+        # root may mint for root-only; the second uid may not, whatever it asks for.
+        with Client(sock) as c:
+            assert c.mint("root-only", "read_ticket").token
+            with pytest.raises(PermissionDenied):
+                c.mint("agent", "read_ticket")
+        assert as_user(throwaway_user, "mint", sock, "root-only", "read_ticket") == {
+            "uid": throwaway_user.pw_uid, "code": "PERMISSION_DENIED"}
+        # ... and the selector "user" really resolves the kernel-reported uid.
+        assert as_user(throwaway_user, "mint", sock, "agent", "read_ticket")["token"] is True
+        # A non-dumpable process looks root-owned in /proc; it must still be seen as the second uid.
+        assert as_user(throwaway_user, "mint-nondumpable", sock, "agent", "read_ticket")["token"] is True
+        assert as_user(throwaway_user, "mint-nondumpable", sock, "root-only", "read_ticket")["code"] == \
+            "PERMISSION_DENIED"
+        denied = [json.loads(x) for x in open(d.audit_log).read().splitlines() if '"deny"' in x]
+        assert any(x["uid"] == throwaway_user.pw_uid and x["workflow"] == "root-only" for x in denied)
+        internal_dir = next(n for n in os.listdir(short_tmp) if n.startswith(".broker-internal-"))
+        internal = os.path.join(short_tmp, internal_dir, "grpc.sock")
+        assert os.path.exists(internal)
+        result = as_user(throwaway_user, "connect", internal)
+        assert result["connected"] is False and result["errno"] == 13  # EACCES
+        assert as_user(throwaway_user, "connect", sock)["connected"] is True

@@ -1,0 +1,148 @@
+"""The verified-token cache and the Verifier around it, on both backends."""
+
+from __future__ import annotations
+
+import threading
+from types import ModuleType
+
+import pytest
+
+from broker import tokens
+from broker.errors import BrokerError, InvalidToken
+from tests.tokens.conftest import NOW, TD, make_claims
+
+EXPECT = tokens.Expect(TD, "crm", "read_ticket")
+
+
+@pytest.fixture
+def es() -> tokens.SigningKey:
+    return tokens.generate(tokens.ES256)
+
+
+def verifier(engine: ModuleType, keys: list[tokens.VerifyKey], size: int = 8) -> tokens.Verifier:
+    return tokens.Verifier(keys, engine.VerifiedCache(size), engine=engine)
+
+
+def test_hit_returns_the_same_claims(engine: ModuleType, es: tokens.SigningKey) -> None:
+    v = verifier(engine, [es.verify_key])
+    token = engine.mint(es, make_claims())
+    first = v.verify(token, EXPECT, NOW)
+    assert len(v.cache) == 1
+    assert v.verify(token, EXPECT, NOW + 1) is first
+    assert v.verify(token.decode(), EXPECT, NOW + 1) is first
+
+
+def test_hit_still_checks_expectations(engine: ModuleType, es: tokens.SigningKey) -> None:
+    v = verifier(engine, [es.verify_key])
+    token = engine.mint(es, make_claims())
+    v.verify(token, EXPECT, NOW)
+    for expect, reason in ((tokens.Expect(TD, "billing"), "wrong audience"),
+                           (tokens.Expect(TD, "crm", "delete"), "wrong tool"),
+                           (tokens.Expect("other.org", "crm"), "issuer or subject outside the trust domain")):
+        with pytest.raises(InvalidToken) as info:
+            v.verify(token, expect, NOW)
+        assert info.value.reason == reason
+    with pytest.raises(InvalidToken) as info:
+        v.verify(token, EXPECT, NOW - 200)  # a clock that went backwards: nbf/iat are checked on a hit too
+    assert info.value.reason == "not yet valid"
+
+
+def test_never_served_past_exp(engine: ModuleType, es: tokens.SigningKey) -> None:
+    cache = engine.VerifiedCache(8)
+    claims = make_claims(exp=NOW + 10)
+    token = engine.mint(es, claims)
+    cache.put(token, claims, es.kid, NOW)
+    assert cache.lookup(token, EXPECT, NOW + 9) is claims
+    assert cache.lookup(token, EXPECT, NOW + 10) is None  # at exp the leeway is the full verifier's call
+    assert len(cache) == 0
+    cache.put(token, claims, es.kid, NOW + 10)  # already expired: not kept
+    assert len(cache) == 0
+    v = verifier(engine, [es.verify_key])
+    v.verify(token, EXPECT, NOW)
+    with pytest.raises(InvalidToken) as info:
+        v.verify(token, EXPECT, NOW + 15)
+    assert info.value.reason == "expired"
+
+
+def test_bounded_least_recently_used(engine: ModuleType, es: tokens.SigningKey) -> None:
+    v = verifier(engine, [es.verify_key], size=3)
+    toks = [engine.mint(es, make_claims(jti=f"j{i}")) for i in range(4)]
+    for t in toks[:3]:
+        v.verify(t, EXPECT, NOW)
+    v.verify(toks[0], EXPECT, NOW)  # touch the oldest
+    v.verify(toks[3], EXPECT, NOW)  # evicts toks[1]
+    assert len(v.cache) == 3
+    assert v.cache.lookup(toks[1], EXPECT, NOW) is None
+    assert v.cache.lookup(toks[0], EXPECT, NOW) is not None
+
+
+def test_retired_key_drops_its_tokens(engine: ModuleType, es: tokens.SigningKey) -> None:
+    other = tokens.generate(tokens.EDDSA)
+    v = verifier(engine, [es.verify_key, other.verify_key])
+    mine, theirs = engine.mint(es, make_claims()), engine.mint(other, make_claims())
+    v.verify(mine, EXPECT, NOW)
+    v.verify(theirs, EXPECT, NOW)
+    v.retire_key(es.kid)
+    assert len(v.cache) == 1
+    with pytest.raises(InvalidToken) as info:
+        v.verify(mine, EXPECT, NOW)
+    assert info.value.reason == "unknown kid"
+    assert v.verify(theirs, EXPECT, NOW).wf == "wf-7"
+    v.set_keys([es.verify_key])  # rotation: the set changes wholesale
+    assert len(v.cache) == 0
+    assert v.verify(mine, EXPECT, NOW).wf == "wf-7"
+
+
+def test_revoked_token_refused_and_forgotten_later(engine: ModuleType, es: tokens.SigningKey) -> None:
+    v = verifier(engine, [es.verify_key])
+    claims = make_claims()
+    token = engine.mint(es, claims)
+    v.verify(token, EXPECT, NOW)
+    v.revoke(claims.jti, claims.exp)
+    assert len(v.cache) == 0
+    with pytest.raises(InvalidToken) as info:
+        v.verify(token, EXPECT, NOW)
+    assert info.value.reason == "revoked"
+    with pytest.raises(InvalidToken):  # long after exp: refused as expired, the revocation pruned
+        v.verify(token, EXPECT, claims.exp + tokens.MAX_LEEWAY + 1)
+    other = engine.mint(es, make_claims(jti="x", exp=claims.exp + 10_000, nbf=0, iat=0))
+    v.verify(other, EXPECT, claims.exp + tokens.MAX_LEEWAY + 1)
+    assert v._revoked == {}
+
+
+def test_failures_are_not_cached(engine: ModuleType, es: tokens.SigningKey) -> None:
+    v = verifier(engine, [es.verify_key])
+    with pytest.raises(InvalidToken):
+        v.verify(engine.mint(es, make_claims(aud=("billing",))), EXPECT, NOW)
+    assert len(v.cache) == 0
+    assert v.cache.lookup(b"x" * (tokens.MAX_TOKEN_BYTES + 1), EXPECT, NOW) is None
+
+
+def test_cache_size_must_be_positive(engine: ModuleType) -> None:
+    with pytest.raises(BrokerError):
+        engine.VerifiedCache(0)
+    assert engine.VerifiedCache(5).max_entries == 5
+
+
+def test_threads_share_a_verifier(engine: ModuleType, es: tokens.SigningKey) -> None:
+    v = verifier(engine, [es.verify_key], size=16)
+    toks = [engine.mint(es, make_claims(jti=f"t{i}")) for i in range(32)]
+    errors: list[BaseException] = []
+
+    def work(offset: int) -> None:
+        try:
+            for i in range(400):
+                t = toks[(i + offset) % len(toks)]
+                assert v.verify(t, EXPECT, NOW).jti.startswith("t")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(0, 32, 4):
+        v.revoke(f"t{i}", NOW + 200)
+    for t in threads:
+        t.join()
+    assert all(isinstance(e, InvalidToken) and e.reason == "revoked" for e in errors)
+    assert len(v.cache) <= 16
