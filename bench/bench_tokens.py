@@ -135,26 +135,30 @@ def test_cache_hit(benchmark: Any, impl: str) -> None:
 def _table(report: dict[str, Any]) -> str:
     med: dict[tuple[str, str, str], float] = {}
     iqr: dict[tuple[str, str, str], float] = {}
+    low: dict[tuple[str, str, str], float] = {}
     for b in report["benchmarks"]:
         k = (b["extra_info"]["alg"], b["extra_info"]["op"], b["extra_info"]["impl"])
         med[k] = b["stats"]["median"] * 1e6
         iqr[k] = b["stats"]["iqr"] * 1e6
+        low[k] = b["stats"]["min"] * 1e6
     lines = ["| alg | op | raw | native | pure | pyjwt | joserfc | native/raw | pure/native | pyjwt/native |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for alg in ALGS:
         for op in ("mint", "verify"):
             cells = [f"{med[(alg, op, i)]:.2f} ±{iqr[(alg, op, i)] / 2:.2f}" for i in IMPLS]
-            n = med[(alg, op, "native")]
+            n, nl = med[(alg, op, "native")], low[(alg, op, "native")]
             lines.append(f"| {alg} | {op} | " + " | ".join(cells)
-                         + f" | {n / med[(alg, op, 'raw')]:.3f} | {med[(alg, op, 'pure')] / n:.2f}x"
-                         + f" | {med[(alg, op, 'pyjwt')] / n:.2f}x |")
+                         + f" | {n / med[(alg, op, 'raw')]:.2f} ({nl / low[(alg, op, 'raw')]:.2f})"
+                         + f" | {med[(alg, op, 'pure')] / n:.2f}x ({low[(alg, op, 'pure')] / nl:.2f}x)"
+                         + f" | {med[(alg, op, 'pyjwt')] / n:.2f}x ({low[(alg, op, 'pyjwt')] / nl:.2f}x) |")
     full = med[("ES256", "verify", "native")]
     for impl in ("native", "pure"):
         hit = med[("ES256", "cache hit", impl)]
         lines.append(f"| ES256 | cache hit ({impl} Verifier) | | {hit:.2f} ±{iqr[('ES256', 'cache hit', impl)] / 2:.2f}"
                      f" | | | | | | full native verify / hit = {full / hit:.0f}x |")
     lines.append("")
-    lines.append("Cells: median in microseconds ± half the interquartile range, per operation. "
+    lines.append("Cells: median in microseconds ± half the interquartile range, per operation; ratios of "
+                 "medians, with the ratio of minimums (least disturbed by other load) in parentheses. "
                  f"Python {sys.version.split()[0]}; backends compared in one process "
                  f"(host load median over the run: {statistics.median(_load()):.2f}).")
     return "\n".join(lines)

@@ -55,7 +55,6 @@ def _parser() -> argparse.ArgumentParser:
     c = csub.add_parser("check", help="validate a configuration file")
     c.add_argument("file")
 
-    p = sub.add_parser("scan", help="find hardcoded secrets in files, staged changes or history")
     return ap
 
 
@@ -113,10 +112,6 @@ def _config_check(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"serve": _serve, "token": _token, "verify": _verify, "jwks": _jwks, "config": _config_check}
-    if args.command == "scan":
-        from broker.scan import cli as scan_cli
-
-        return scan_cli.run(args)
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

@@ -7,7 +7,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip "setuptools>=69" wheel "Cython>=3.0"
+.venv/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel "Cython>=3.0"
 .venv/bin/python -m pip install -q -e ".${BROKER_EXTRAS:-}"
 # Editable installs do not reliably build extensions next to the sources; do it explicitly so the
 # native backends load (the daemon logs which backend it runs).
