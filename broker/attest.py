@@ -230,7 +230,10 @@ def _systemd_unit(pid: int) -> str | None:
         return None
     for line in lines:
         if line.startswith("0::"):  # the cgroup v2 hierarchy
-            for part in reversed(line[3:].split("/")):
+            # The outermost unit is the one the service manager created. Anything nested below it may
+            # be a cgroup the process made itself under a delegated subtree (any user can name one
+            # "trusted.service" inside their user@.service), so it never counts.
+            for part in line[3:].split("/"):
                 if part.endswith(_UNIT_SUFFIXES):
                     return part
     return None

@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     c = csub.add_parser("check", help="validate a configuration file")
     c.add_argument("file")
 
+    from broker.scan import cli as scan_cli
+
+    p = sub.add_parser("scan", help="find hardcoded secrets in files, staged changes or history")
+    scan_cli.add_arguments(p)
     return ap
 
 
@@ -112,6 +116,10 @@ def _config_check(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"serve": _serve, "token": _token, "verify": _verify, "jwks": _jwks, "config": _config_check}
+    if args.command == "scan":
+        from broker.scan import cli as scan_cli
+
+        return scan_cli.run(args)
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

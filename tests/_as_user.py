@@ -1,8 +1,9 @@
 """Run one broker call as another uid (used by test_second_uid.py; started as root).
 
-The interpreter lives where only root can read it, so this script imports everything first, then drops
-to the target uid/gid for real (setgroups, setgid, setuid) before it opens any connection. The kernel
-records the connecting process's credentials at connect(2), so the daemon sees the second uid.
+The interpreter and the checkout may live where only root can read them, so this script imports
+everything and builds its client first (a gRPC channel does not connect until the first call), then
+drops to the target uid/gid for real (setgroups, setgid, setuid) before any connection is opened. The
+kernel records the connecting process's credentials at connect(2), so the daemon sees the second uid.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import socket
 import sys
 
-import grpc  # noqa: F401 - imported before dropping privileges
+import grpc._channel  # noqa: F401 - grpc imports it lazily; do it before dropping privileges
 
 from broker.client import Client
 from broker.errors import BrokerError, PermissionDenied
@@ -21,6 +22,7 @@ from broker.errors import BrokerError, PermissionDenied
 
 def main() -> int:
     uid, gid, action, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    client = Client(path, retries=0) if action.startswith("mint") else None
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
@@ -43,9 +45,10 @@ def main() -> int:
             result["errno"] = exc.errno
     else:
         workflow, tool = sys.argv[5], sys.argv[6]
+        assert client is not None
         try:
-            with Client(path) as c:
-                result["token"] = bool(c.mint(workflow, tool).token)
+            with client:
+                result["token"] = bool(client.mint(workflow, tool).token)
         except PermissionDenied:
             result["code"] = "PERMISSION_DENIED"
         except BrokerError as exc:

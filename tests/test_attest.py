@@ -105,7 +105,7 @@ def test_systemd_unit_from_cgroup() -> None:
     with open(f"/proc/{os.getpid()}/cgroup") as f:
         line = next((x for x in f.read().splitlines() if x.startswith("0::")), "")
     units = [p for p in line[3:].split("/") if p.endswith((".service", ".scope"))]
-    assert caller.systemd_unit == (units[-1] if units else None)
+    assert caller.systemd_unit == (units[0] if units else None)  # the outermost: made by the manager
     assert "unit" in caller.audit_fields()
 
 

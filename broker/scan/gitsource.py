@@ -1,0 +1,137 @@
+"""Git sources: the staged diff (pre-commit) and every commit's added lines (history audits).
+
+Only added lines are scanned: a secret that a commit removes is reported for the commit that added
+it. Each (commit, file) becomes one :class:`Document` whose ``line_map`` points back at real line
+numbers. Git runs with external diff drivers and text conversion switched off, so a repository's own
+configuration cannot run commands or rewrite what the scanner sees.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterable, Iterator
+from typing import Final
+
+from broker.scan.document import Document
+from broker.scan.errors import ScanError, UsageError
+
+_DIFF_OPTIONS: Final = ["-U0", "--no-color", "--no-ext-diff", "--no-textconv", "--src-prefix=a/",
+                        "--dst-prefix=b/", "--diff-filter=ACMRT"]
+_HUNK: Final = re.compile(rb"^@@ -\d+(?:,\d+)? \+(\d+)(?:,(\d+))? @@")
+_COMMIT_MARK: Final = b"\x00commit "
+_ESCAPES: Final = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
+                   '"': '"', "\\": "\\"}
+
+
+def _unquote(raw: bytes) -> str:
+    """A path as git prints it: C-quoted (with octal escapes for raw bytes) when it is unusual."""
+    text = raw.decode("utf-8", "surrogateescape")
+    if not (text.startswith('"') and text.endswith('"')):
+        return text
+    out = bytearray()
+    body, i = text[1:-1], 0
+    while i < len(body):
+        ch = body[i]
+        if ch == "\\" and i + 1 < len(body):
+            nxt = body[i + 1]
+            octal = body[i + 1:i + 4]
+            if len(octal) == 3 and all(c in "01234567" for c in octal):
+                out.append(int(octal, 8))
+                i += 4
+                continue
+            out += _ESCAPES.get(nxt, nxt).encode("utf-8", "surrogateescape")
+            i += 2
+            continue
+        out += ch.encode("utf-8", "surrogateescape")
+        i += 1
+    return out.decode("utf-8", "replace")
+
+
+def parse_patch(lines: Iterable[bytes]) -> Iterator[Document]:
+    """Documents of added lines from ``git diff -U0`` or ``git log -p -U0`` output."""
+    commit: str | None = None
+    path: str | None = None
+    added: list[str] = []
+    numbers: list[int] = []
+    remaining, line_no = 0, 0
+
+    def flush() -> Document | None:
+        if path is None or not added:
+            return None
+        return Document(path, "\n".join(added), tuple(numbers), commit)
+
+    for raw in lines:
+        line = raw.rstrip(b"\n")
+        if remaining > 0:
+            # Inside a hunk the counts from its header say exactly how many "+" lines follow, so a
+            # content line that itself starts with "+++ " or "diff --git" is never mistaken for a header.
+            if line.startswith(b"+"):
+                added.append(line[1:].rstrip(b"\r").decode("utf-8", "replace"))
+                numbers.append(line_no)
+                line_no += 1
+                remaining -= 1
+            continue
+        if line.startswith(_COMMIT_MARK) or line.startswith(b"diff --git "):
+            doc = flush()
+            if doc is not None:
+                yield doc
+            added, numbers, path = [], [], None
+            if line.startswith(_COMMIT_MARK):
+                commit = line[len(_COMMIT_MARK):].decode("ascii", "replace").strip()
+        elif line.startswith(b"+++ "):
+            # Git ends the name with a tab when it contains a space; a name with a real tab is quoted.
+            target = line[4:].removesuffix(b"\t")
+            path = None if target == b"/dev/null" else _unquote(target).removeprefix("b/")
+        elif line.startswith(b"@@ "):
+            hunk = _HUNK.match(line)
+            if hunk is not None:
+                line_no = int(hunk.group(1))
+                remaining = int(hunk.group(2)) if hunk.group(2) is not None else 1
+    doc = flush()
+    if doc is not None:
+        yield doc
+
+
+def _stream(repo: str, args: list[str]) -> Iterator[Document]:
+    command = ["git", "-C", repo, "-c", "core.quotePath=false", *args]
+    try:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except FileNotFoundError as exc:
+        raise ScanError("git is not installed") from exc
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        yield from parse_patch(proc.stdout)
+    finally:
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.stderr.close()
+        code = proc.wait()
+    if code != 0:
+        raise ScanError(f"git {args[0]} failed: {err.decode('utf-8', 'replace').strip()}")
+
+
+def repo_root(directory: str) -> str:
+    try:
+        proc = subprocess.run(["git", "-C", directory, "rev-parse", "--show-toplevel"],
+                              capture_output=True, check=False)
+    except FileNotFoundError as exc:
+        raise ScanError("git is not installed") from exc
+    if proc.returncode != 0:
+        raise UsageError(f"{directory}: not inside a git repository")
+    return proc.stdout.decode("utf-8", "surrogateescape").strip()
+
+
+def staged(directory: str) -> Iterator[Document]:
+    """Added lines of what is staged for the next commit."""
+    return _stream(repo_root(directory), ["diff", "--cached", *_DIFF_OPTIONS])
+
+
+def history(directory: str, since: str | None) -> Iterator[Document]:
+    """Added lines of every commit (all refs), or of the commits after ``since`` up to HEAD."""
+    if since is not None and (since.startswith("-") or not since):
+        raise UsageError(f"--since {since!r}: not a revision")
+    revisions = [f"{since}..HEAD"] if since is not None else ["--all"]
+    return _stream(repo_root(directory), [
+        "log", "-p", *_DIFF_OPTIONS, "--format=format:%x00commit %H", *revisions, "--",
+    ])

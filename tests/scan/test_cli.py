@@ -1,0 +1,199 @@
+"""The command as a user runs it: sources, formats, exit codes, suppressions, hostile input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from tests.scan.conftest import git, run_scan
+
+SCHEMA = json.loads((Path(__file__).parent / "data" / "sarif-schema-2.1.0.json").read_text())
+
+
+@pytest.fixture
+def tree(tmp_path: Path, token) -> tuple[Path, str]:
+    root = tmp_path / "tree"
+    root.mkdir()
+    secret = token("github-pat")
+    (root / "app.py").write_text(f'import os\n\nGH = "{secret}"\n')
+    (root / "clean.py").write_text("print('hello')\n")
+    return root, secret
+
+
+def test_exit_codes(tree: tuple[Path, str], tmp_path: Path) -> None:
+    root, _ = tree
+    assert run_scan(".", cwd=root).code == 1
+    assert run_scan("clean.py", cwd=root).code == 0
+    assert run_scan("--format", "xml", cwd=root).code == 2
+    assert run_scan("missing.py", cwd=root).code == 2
+    assert run_scan("--since", "HEAD", cwd=root).code == 2
+
+
+def test_text_report_is_redacted(tree: tuple[Path, str]) -> None:
+    root, secret = tree
+    result = run_scan(cwd=root)
+    assert "app.py:3:7: github-pat:" in result.out
+    assert secret not in result.out and secret[:5] not in result.out
+    assert secret[:4] + "..." in result.out
+    assert secret in run_scan("--no-redact", cwd=root).out
+
+
+def test_json_report_never_holds_the_secret(tree: tuple[Path, str]) -> None:
+    root, secret = tree
+    result = run_scan("--format", "json", cwd=root)
+    assert secret not in result.out
+    [finding] = result.json()["findings"]
+    assert (finding["path"], finding["line"], finding["rule"]) == ("app.py", 3, "github-pat")
+    assert len(finding["fingerprint"]) == 32 and len(finding["preview"]) <= 7
+
+
+def test_sarif_is_valid_and_stable(tree: tuple[Path, str], tmp_path: Path) -> None:
+    root, secret = tree
+    out = tmp_path / "r.sarif"
+    assert run_scan("--format", "sarif", "--output", str(out), cwd=root).code == 1
+    text = out.read_text()
+    assert secret not in text
+    log = json.loads(text)
+    jsonschema.Draft4Validator(SCHEMA).validate(log)
+    [result] = log["runs"][0]["results"]
+    assert result["locations"][0]["physicalLocation"]["region"]["startLine"] == 3
+    (root / "app.py").write_text("\n\n\n" + (root / "app.py").read_text())
+    again = json.loads(run_scan("--format", "sarif", cwd=root).out)["runs"][0]["results"][0]
+    assert again["partialFingerprints"] == result["partialFingerprints"]
+
+
+def test_stdin(token) -> None:
+    secret = token("slack-webhook")
+    result = run_scan("-", "--format", "json", cwd=Path.cwd(), stdin=f"url: {secret}\n")
+    assert result.code == 1
+    assert result.json()["findings"][0]["path"] == "<stdin>"
+    assert run_scan("-", cwd=Path.cwd(), stdin="nothing here\n").code == 0
+
+
+def test_baseline_follows_the_secret_not_the_line(tree: tuple[Path, str], tmp_path: Path, token) -> None:
+    root, secret = tree
+    baseline = tmp_path / "baseline.json"
+    run_scan("--format", "json", "--output", str(baseline), cwd=root)
+    assert run_scan("--baseline", str(baseline), cwd=root).code == 0
+    # The same secret moved to another line (and file) stays accepted.
+    (root / "app.py").write_text(f'# moved\n\n\n\nGH = "{secret}"\n')
+    assert run_scan("--baseline", str(baseline), cwd=root).code == 0
+    # A new secret on the old line is reported.
+    (root / "app.py").write_text(f'import os\n\nGH = "{token("github-pat")}"\n')
+    assert run_scan("--baseline", str(baseline), cwd=root).code == 1
+    (tmp_path / "bad.json").write_text("[]")
+    assert run_scan("--baseline", str(tmp_path / "bad.json"), cwd=root).code == 2
+
+
+def test_config_extends_disables_and_allowlists(tree: tuple[Path, str], tmp_path: Path, rng) -> None:
+    root, _ = tree
+    acme = "acme_" + "".join(rng.choice("abcdef0123456789") for _ in range(32))
+    (root / "svc.py").write_text(f'x = "{acme}"\n')
+    cfg = tmp_path / "scan.toml"
+    cfg.write_text(
+        "[scan]\ndisable = ['github-pat']\n"
+        "[allowlist]\npaths = ['''^clean\\.py$''']\n"
+        "[[rules]]\nid = 'acme-token'\ndescription = 'Acme'\n"
+        "regex = '''acme_[0-9a-f]{32}'''\nkeywords = ['acme_']\nentropy = 3.0\n"
+    )
+    result = run_scan("--config", str(cfg), "--format", "json", cwd=root)
+    assert [f["rule"] for f in result.json()["findings"]] == ["acme-token"]
+    cfg.write_text(cfg.read_text() + "[allowlist]\n")  # duplicate table: invalid TOML
+    bad = run_scan("--config", str(cfg), cwd=root)
+    assert bad.code == 2 and "invalid TOML" in bad.err
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[scan]\nbogus = 1\n", "scan.bogus: unknown key"),
+    ("[[rules]]\nid = 'x'\nregex = '(['\n", "rules[0].regex: invalid regex"),
+    ("[scan]\ndisable = ['no-such-rule']\n", "unknown rule id"),
+    ("[[rules]]\nid = 'x'\nregex = 'a'\nsecret_group = 2\n", "secret_group"),
+])
+def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    result = run_scan("--config", str(cfg), cwd=tmp_path)
+    assert result.code == 2
+    assert message in result.err
+
+
+def test_default_config_file_is_discovered(tree: tuple[Path, str]) -> None:
+    root, _ = tree
+    (root / ".broker-scan.toml").write_text("[allowlist]\npaths = ['''^app\\.py$''']\n")
+    assert run_scan(cwd=root).code == 0
+
+
+def test_hostile_files(tmp_path: Path, token) -> None:
+    root = tmp_path / "h"
+    root.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text(f"k = {token('github-pat')}\n")
+    (root / "link.txt").symlink_to(outside)
+    (root / "bin.dat").write_bytes(b"\0\1\2" + token("github-pat").encode())
+    (root / "latin.py").write_bytes(b"x = '\xff\xfe'\nT = '" + token("npm-token").encode() + b"'\n")
+    (root / "huge.js").write_text("a=" + "x" * 3_000_000 + ";b='" + token("google-api-key") + "'\n")
+    (root / "dir.py").mkdir()
+    os.mkfifo(root / "pipe")
+    result = run_scan("--format", "json", cwd=root)
+    report = result.json()
+    assert sorted((f["path"], f["rule"]) for f in report["findings"]) == [
+        ("huge.js", "google-api-key"), ("latin.py", "npm-token")]
+    assert report["stats"]["skipped"] == {"binary": 1, "special": 1, "symlink": 1}
+    assert "skipped" in result.err
+
+
+def test_parallel_and_serial_agree(tmp_path: Path) -> None:
+    from broker.scan import fakes
+
+    fakes.build(tmp_path, seed=5, per_rule=1)
+    serial = run_scan("--jobs", "1", "--format", "json", cwd=tmp_path).json()["findings"]
+    parallel = run_scan("--jobs", "2", "--format", "json", cwd=tmp_path).json()["findings"]
+    assert serial == parallel and len(serial) > 300
+
+
+def test_git_worktree_scans_tracked_files_only(repo: Path, token) -> None:
+    (repo / "tracked.py").write_text(f'T = "{token("github-pat")}"\n')
+    (repo / "untracked.py").write_text(f'U = "{token("github-pat")}"\n')
+    git(repo, "add", "tracked.py")
+    report = run_scan("--format", "json", cwd=repo).json()
+    assert [f["path"] for f in report["findings"]] == ["tracked.py"]
+
+
+def test_staged_scans_only_added_lines(repo: Path, token) -> None:
+    old = token("github-pat")
+    (repo / "a.py").write_text(f'OLD = "{old}"\n')
+    git(repo, "add", "a.py")
+    git(repo, "commit", "-qm", "one")
+    assert run_scan("--staged", cwd=repo).code == 0
+    new = token("stripe-secret-key")
+    (repo / "a.py").write_text(f'OLD = "{old}"\nx = 1\nNEW = "{new}"\n')
+    assert run_scan("--staged", cwd=repo).code == 0  # not staged yet
+    git(repo, "add", "a.py")
+    report = run_scan("--staged", "--format", "json", cwd=repo).json()
+    assert [(f["path"], f["line"], f["rule"]) for f in report["findings"]] == [("a.py", 3, "stripe-secret-key")]
+
+
+def test_history_finds_removed_secrets(repo: Path, token) -> None:
+    (repo / "cfg.env").write_text("A=1\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "base")
+    base = git(repo, "rev-parse", "HEAD").strip()
+    (repo / "cfg.env").write_text(f"A=1\nHF={token('huggingface-token')}\n")
+    (repo / "+++ odd name.txt").write_text(f"+++ {token('npm-token')}\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "leak")
+    leak = git(repo, "rev-parse", "HEAD").strip()
+    (repo / "cfg.env").write_text("A=1\n")
+    git(repo, "commit", "-qam", "remove")
+    report = run_scan("--history", "--format", "json", cwd=repo).json()
+    found = sorted((f["commit"], f["path"], f["line"], f["rule"]) for f in report["findings"])
+    assert found == [(leak, "+++ odd name.txt", 1, "npm-token"), (leak, "cfg.env", 2, "huggingface-token")]
+    since = run_scan("--history", "--since", leak, "--format", "json", cwd=repo).json()
+    assert since["findings"] == []
+    assert run_scan("--history", "--since", base, cwd=repo).code == 1
+    assert run_scan("--history", "--since", "no-such-rev", cwd=repo).code == 2
+    assert run_scan("--staged", cwd=repo.parent).code == 2  # not a repository
