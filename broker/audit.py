@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.errors import BrokerError
+from broker.logs import REQUEST_ID
 
 
 class AuditLog:
@@ -20,21 +21,27 @@ class AuditLog:
         self._path = path
         self._clock = clock
         self._lock = threading.Lock()
-        parent = os.path.dirname(path)
+        self._fd = self._open(path)
+
+    @staticmethod
+    def _open(path: str) -> int:
         try:
-            os.makedirs(parent, mode=0o750, exist_ok=True)
+            os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
             # O_NOFOLLOW: a symlink planted at the audit path must not redirect our writes.
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                               0o600)
-            os.fchmod(self._fd, 0o600)  # an existing file keeps its mode otherwise
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
         except OSError as exc:
             raise BrokerError(f"cannot open audit log {path}: {exc.strerror}") from None
+        return fd
 
     @property
     def path(self) -> str:
         return self._path
 
     def record(self, event: str, **fields: Any) -> None:
+        rid = REQUEST_ID.get()
+        if rid:
+            fields["request_id"] = rid
         line = json.dumps({"time": round(self._clock(), 3), "event": event, **fields},
                           separators=(",", ":"), default=str) + "\n"
         data = line.encode("utf-8", "replace")
@@ -42,6 +49,14 @@ class AuditLog:
             written = os.write(self._fd, data)
         if written != len(data):
             raise BrokerError(f"short write to audit log {self._path}")
+
+    def reopen(self) -> None:
+        """Open the path again (after logrotate renamed the file) and switch to it atomically."""
+        fd = self._open(self._path)
+        with self._lock:
+            old, self._fd = self._fd, fd
+        if old >= 0:
+            os.close(old)
 
     def close(self) -> None:
         with self._lock:

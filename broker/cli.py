@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 
 from broker import config as config_mod
+from broker import logs
 from broker.client import Client, resolve_socket
 from broker.errors import BrokerError, ConfigError, InvalidToken
 
@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the daemon in the foreground (logs to stderr)")
     p.add_argument("--config", required=True, help="TOML configuration file")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="auto", choices=["auto", "json", "text"],
+                   help="auto: JSON unless stderr is a terminal")
 
     p = sub.add_parser("token", help="ask the daemon for a token; prints it on stdout")
     p.add_argument("--workflow", required=True)
@@ -48,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     _client_args(p)
 
     p = sub.add_parser("jwks", help="print the public keys that verify tokens (RFC 7517 JSON)")
+    _client_args(p)
+
+    p = sub.add_parser("status", help="summarise the daemon's state (root or the daemon's uid)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    _client_args(p)
+
+    p = sub.add_parser("reload", help="make the daemon re-read its config (root or the daemon's uid)")
     _client_args(p)
 
     p = sub.add_parser("config", help="configuration tools")
@@ -67,12 +76,11 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level, args.log_format)
     cfg = config_mod.load(args.config)
     from broker.daemon import serve
 
-    serve(cfg)
+    serve(cfg, args.config)
     return 0
 
 
@@ -101,6 +109,37 @@ def _jwks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        st = c.status()
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return 0
+    keys = st["keys"]
+    print(f"broker: up {st['uptime_seconds']:.0f}s, trust domain {st['trust_domain']}, "
+          f"config {st['config_sha256'][:12]}")
+    print(f"  backends: tokens {st['token_backend']}, pump {st['pump_backend']}")
+    print(f"  signing key {keys['current']} (age {keys['current_age_seconds']:.0f}s), "
+          f"{len(keys['published'])} published")
+    print(f"  workflows: {', '.join(st['workflows']) or '(none)'}")
+    print(f"  since start: {st['mints']} mints, {st['denials']} denials; {st['connections']} connections open, "
+          f"{st['revoked_tokens']} revoked tokens")
+    print(f"  degraded: {'; '.join(st['degraded']) if st['degraded'] else 'no'}")
+    return 0
+
+
+def _reload(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        applied, problems, sha = c.reload()
+    if applied:
+        print(f"reloaded: config sha256 {sha[:12]}")
+        return 0
+    for p in problems:
+        print(f"broker reload: refused: {p}", file=sys.stderr)
+    print(f"broker reload: the config in force is still {sha[:12]}", file=sys.stderr)
+    return 1
+
+
 def _config_check(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(args.file)
@@ -115,7 +154,8 @@ def _config_check(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"serve": _serve, "token": _token, "verify": _verify, "jwks": _jwks, "config": _config_check}
+    handlers = {"serve": _serve, "token": _token, "verify": _verify, "jwks": _jwks, "config": _config_check,
+                "status": _status, "reload": _reload}
     if args.command == "scan":
         from broker.scan import cli as scan_cli
 

@@ -108,6 +108,7 @@ class BrokerSettings:
     algorithm: str
     rotate_every: int
     max_connections: int
+    require_native: bool = False  # refuse to start on the pure-Python token engine
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +137,7 @@ class Config:
     workflows: Mapping[str, Workflow]
     sha256: str  # of the file's bytes, so audit lines can say which config made a decision
     vault: VaultSettings | None = None
+    metrics_listen: str | None = None  # [metrics] listen: "unix:/path" or "127.0.0.1:9464"; off when absent
 
 
 def parse_duration(text: str) -> int:
@@ -254,7 +256,7 @@ def _kind(value: object) -> str:
 
 def _parse_broker(c: _Checker, raw: Any) -> BrokerSettings | None:
     allowed = ("trust_domain", "socket", "audit_log", "token_ttl", "algorithm", "rotate_every",
-               "max_connections")
+               "max_connections", "require_native")
     t = c.table(raw, "broker", allowed)
     if t is None:
         return None
@@ -272,9 +274,10 @@ def _parse_broker(c: _Checker, raw: Any) -> BrokerSettings | None:
     ttl = c.duration(t, "broker", "token_ttl", DEFAULT_TOKEN_TTL, lo=1, hi=MAX_TTL)
     rotate = c.duration(t, "broker", "rotate_every", DEFAULT_ROTATE_EVERY, lo=MIN_ROTATE, hi=MAX_ROTATE)
     conns = c.ranged_int(t, "broker", "max_connections", 1, 65536)
+    native = c.get(t, "broker", "require_native", bool, False)
     if td is None or sock is None or audit is None or alg not in ALGORITHMS:
         return None
-    return BrokerSettings(td, sock, audit, ttl, str(alg), rotate, conns or DEFAULT_MAX_CONNECTIONS)
+    return BrokerSettings(td, sock, audit, ttl, str(alg), rotate, conns or DEFAULT_MAX_CONNECTIONS, bool(native))
 
 
 def _parse_caller(c: _Checker, raw: Any, path: str) -> CallerRule | None:
@@ -351,6 +354,33 @@ def _parse_tool(c: _Checker, raw: Any, path: str, max_ttl: int) -> Tool | None:
     if name is None:
         return None
     return Tool(name, actions, destinations, min(ttl, max_ttl), secret, env, file)
+
+
+def check_listen(listen: str) -> str | None:
+    """A problem with a metrics ``listen`` value, or None. Only loopback and Unix sockets are allowed:
+    metrics name workflows and tools, which are nobody else's business."""
+    if listen.startswith("unix:/"):
+        return None
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return "must be unix:/path or 127.0.0.1:PORT"
+    if host != "127.0.0.1":
+        return "metrics may listen on 127.0.0.1 or a Unix socket only"
+    return None
+
+
+def _parse_metrics(c: _Checker, raw: Any) -> str | None:
+    t = c.table(raw, "metrics", ("listen",))
+    if t is None:
+        return None
+    listen = c.get(t, "metrics", "listen", str, required=True)
+    if listen is None:
+        return None
+    problem = check_listen(listen)
+    if problem:
+        c.fail("metrics.listen", problem)
+        return None
+    return listen
 
 
 def _parse_vault(c: _Checker, raw: Any) -> VaultSettings | None:
@@ -441,12 +471,13 @@ def parse(data: bytes, *, source: str = "<config>") -> Config:
         # tomllib recurses per nesting level; a hostile file must not crash the daemon or the checker.
         raise ConfigError([ConfigProblem("", f"{source}: invalid TOML: nested too deeply")]) from None
     c = _Checker()
-    top = c.table(raw, "", ("broker", "workflow", "vault"))
+    top = c.table(raw, "", ("broker", "workflow", "vault", "metrics"))
     settings = None
-    vault = None
+    vault = metrics = None
     workflows: dict[str, Workflow] = {}
     if top is not None:
         vault = _parse_vault(c, top["vault"]) if "vault" in top else None
+        metrics = _parse_metrics(c, top["metrics"]) if "metrics" in top else None
         if "broker" not in top:
             c.fail("broker", "required table [broker] is missing")
         else:
@@ -462,7 +493,7 @@ def parse(data: bytes, *, source: str = "<config>") -> Config:
                         c.fail(f"workflow[{i}].tool[{j}].secret", "needs a [vault] table to fetch it from")
     if c.problems or settings is None:
         raise ConfigError(c.problems or [ConfigProblem("broker", "invalid")])
-    return Config(settings, _frozen(workflows), hashlib.sha256(data).hexdigest(), vault)
+    return Config(settings, _frozen(workflows), hashlib.sha256(data).hexdigest(), vault, metrics)
 
 
 def load(path: str, *, opener: Callable[[str], bytes] | None = None) -> Config:

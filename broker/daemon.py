@@ -1,4 +1,5 @@
-"""The composition root: wires config, keys, audit, the gRPC servicers and the front door, then runs.
+"""The composition root: wires config, keys, audit, metrics, the gRPC servicers and the front door,
+then runs until SIGTERM/SIGINT; SIGHUP reloads the config and reopens the audit log.
 
 Nothing else in the package constructs these parts; tests start the real daemon as a process.
 """
@@ -12,22 +13,27 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import grpc
 import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from broker import _pump, tokens
+from broker import _pump, systemd, tokens
+from broker import config as config_mod
 from broker._spiffe import workload_pb2, workload_pb2_grpc
 from broker.audit import AuditLog
 from broker.config import Config
+from broker.errors import BrokerError, ConfigError
 from broker.frontdoor import FrontDoor, bind_public
+from broker.instrument import Instrument
 from broker.keyring import KeyRing, KeySource, MemoryKeySource
+from broker.metrics import FuncCollector, Metrics
 from broker.service import BrokerService, Runtime, WorkloadAPI
 from broker.v1 import broker_pb2, broker_pb2_grpc
 
@@ -36,6 +42,9 @@ log = logging.getLogger("broker")
 # Requests are a few hundred bytes; anything near this limit is garbage or an attack.
 MAX_REQUEST_BYTES: Final = 64 * 1024
 SHUTDOWN_GRACE: Final = 5.0
+# After SIGTERM, requests already sent on open connections are still answered normally for this long
+# before the server starts refusing new calls, so nothing a client sent before the signal fails.
+SHUTDOWN_DRAIN: Final = 0.5
 SERVER_OPTIONS: Final = [
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ("grpc.max_send_message_length", 4 * 1024 * 1024),
@@ -46,53 +55,90 @@ SERVICE_NAMES: Final = (
     broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name,
     workload_pb2.DESCRIPTOR.services_by_name["SpiffeWorkloadAPI"].full_name,
 )
+# Settings a running daemon cannot change in place: a reload that changes them is refused.
+RESTART_ONLY: Final = ("trust_domain", "socket", "algorithm", "rotate_every", "max_connections", "audit_log")
+
+
+def _max_ttl(config: Config) -> int:
+    return max([config.broker.token_ttl] + [t.ttl for wf in config.workflows.values() for t in wf.tools.values()])
 
 
 class Daemon:
-    def __init__(self, config: Config, *, key_source: KeySource | None = None,
+    def __init__(self, config: Config, config_path: str | None = None, *, key_source: KeySource | None = None,
                  clock: Callable[[], float] = time.time) -> None:
+        if config.broker.require_native:
+            tokens.require_native()
         self.config = config
+        self._config_path = config_path
         self._clock = clock
+        self._started = clock()
         b = config.broker
-        max_ttl = max([b.token_ttl] + [t.ttl for wf in config.workflows.values() for t in wf.tools.values()])
-        self.ring = KeyRing(key_source or MemoryKeySource(), b.algorithm, b.rotate_every, max_ttl, clock())
+        self.ring = KeyRing(key_source or MemoryKeySource(), b.algorithm, b.rotate_every, _max_ttl(config), clock())
         self.audit = AuditLog(b.audit_log, clock)
+        self.metrics = Metrics()
         self._stop = asyncio.Event()
-        self._internal_dir = ""
+        self._reload_lock = asyncio.Lock()
         self._frontdoor: FrontDoor | None = None
+        self._rt: Runtime | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
 
+    def _listener(self) -> tuple[socket.socket, bool]:
+        """The public socket: adopted from the service manager (socket activation) or bound here."""
+        passed = systemd.listen_fds()
+        if not passed:
+            return bind_public(self.config.broker.socket), False
+        if len(passed) != 1:
+            raise BrokerError(f"socket activation: expected one socket, got {len(passed)}")
+        name = passed[0].getsockname()
+        if name != self.config.broker.socket:
+            raise BrokerError(f"socket activation: passed socket {name!r} is not broker.socket "
+                              f"({self.config.broker.socket!r}) from the config")
+        return passed[0], True
+
     async def run(self) -> None:
         b = self.config.broker
+        watchdog = asyncio.create_task(self._watchdog()) if systemd.watchdog_interval() else None
+        listener, adopted = self._listener()
         # The gRPC server listens only inside a private 0700 directory: no one but us (and root)
         # can reach it, so every request it sees came through the front door.
-        self._internal_dir = tempfile.mkdtemp(prefix=".broker-internal-", dir=os.path.dirname(b.socket) or None)
-        internal = os.path.join(self._internal_dir, "grpc.sock")
-        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=4096)
-        listener = bind_public(b.socket)
+        internal_dir = tempfile.mkdtemp(prefix=".broker-internal-", dir=os.path.dirname(b.socket) or None)
+        internal = os.path.join(internal_dir, "grpc.sock")
+        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=4096,
+                                 interceptors=[Instrument(self.metrics)])
         frontdoor = self._frontdoor = FrontDoor(listener, internal, b.max_connections)
-        rt = Runtime(self.config, self.ring, self.audit, frontdoor, self._clock)
+        rt = self._rt = Runtime(self.config, self.ring, self.audit, frontdoor, self._clock, metrics=self.metrics)
+        self.metrics.add_collector(FuncCollector(lambda: {
+            "connections": frontdoor.connections, "accepted": frontdoor.accepted, "refused": frontdoor.refused,
+            "key_ages": self.ring.key_ages(self._clock()), "revoked": len(rt.revoked),
+            "uptime": self._clock() - self._started}))
         health_servicer = health.aio.HealthServicer()
-        broker_pb2_grpc.add_BrokerServicer_to_server(BrokerService(rt), server)
+        broker_pb2_grpc.add_BrokerServicer_to_server(BrokerService(rt, self), server)
         workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(WorkloadAPI(rt), server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server)
+        for name in ("", *SERVICE_NAMES):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         server.add_insecure_port(f"unix:{internal}")
         await server.start()
         frontdoor.start()
+        if self.config.metrics_listen:
+            self.metrics.serve(self.config.metrics_listen)
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("ready socket=%s trust_domain=%s workflows=%d algorithm=%s kid=%s token_backend=%s "
-                 "pump_backend=%s", b.socket, b.trust_domain, len(self.config.workflows), b.algorithm,
-                 self.ring.current.kid, tokens.BACKEND, _pump.BACKEND)
+        log.info("ready socket=%s%s trust_domain=%s workflows=%d algorithm=%s kid=%s token_backend=%s "
+                 "pump_backend=%s metrics=%s", b.socket, " (socket-activated)" if adopted else "",
+                 b.trust_domain, len(self.config.workflows), b.algorithm, self.ring.current.kid, tokens.BACKEND,
+                 _pump.BACKEND, self.config.metrics_listen or "off")
+        systemd.notify(f"READY=1\nSTATUS=serving {len(self.config.workflows)} workflows")
         rotation = asyncio.create_task(self._rotate(rt))
         try:
             await self._stop.wait()
         finally:
+            systemd.notify("STOPPING=1")
             log.info("stopping")
             for name in ("", *SERVICE_NAMES):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -100,12 +146,17 @@ class Daemon:
             # Order matters: refuse new connections, let in-flight calls finish through the relay,
             # then drop the relayed connections.
             frontdoor.stop_accepting()
+            await asyncio.sleep(SHUTDOWN_DRAIN)
             await server.stop(SHUTDOWN_GRACE)
             await asyncio.get_running_loop().run_in_executor(None, frontdoor.close)
+            self.metrics.close()
             self.audit.close()
-            with contextlib.suppress(OSError):
-                os.unlink(b.socket)
-            shutil.rmtree(self._internal_dir, ignore_errors=True)
+            if not adopted:  # an adopted socket file belongs to the service manager
+                with contextlib.suppress(OSError):
+                    os.unlink(b.socket)
+            shutil.rmtree(internal_dir, ignore_errors=True)
+            if watchdog is not None:
+                watchdog.cancel()
             log.info("stopped")
 
     async def _rotate(self, rt: Runtime) -> None:
@@ -114,6 +165,85 @@ class Daemon:
             if self.ring.tick(self._clock()):
                 log.info("keys changed: current kid=%s jwks_version=%d", self.ring.current.kid, self.ring.version)
                 await rt.keys_changed()
+
+    async def _watchdog(self) -> None:
+        interval = systemd.watchdog_interval() or 1.0
+        while True:
+            # Ping only while the front door still accepts: a wedged daemon should be restarted.
+            if self._frontdoor is None or self._frontdoor.accepting:
+                systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def reload(self, who: dict[str, object]) -> tuple[bool, list[str], str]:
+        """Re-read the config: validate fully, then swap atomically, or keep the old one. Always audited."""
+        async with self._reload_lock:
+            systemd.notify(systemd.reloading_state())
+            try:
+                return await self._reload(who)
+            finally:
+                systemd.notify("READY=1")
+
+    async def _reload(self, who: dict[str, object]) -> tuple[bool, list[str], str]:
+        old = self.config
+        rt = self._rt
+        assert rt is not None
+        problems: list[str] = []
+        new: Config | None = None
+        if self._config_path is None:
+            problems.append("the daemon was not started from a config file")
+        else:
+            try:
+                new = await asyncio.get_running_loop().run_in_executor(None, config_mod.load, self._config_path)
+            except ConfigError as exc:
+                problems = [str(p) for p in exc.problems]
+        if new is not None:
+            problems += [f"broker.{k}: changing it needs a restart" for k in RESTART_ONLY
+                         if getattr(new.broker, k) != getattr(old.broker, k)]
+            if new.vault != old.vault or new.metrics_listen != old.metrics_listen:
+                problems.append("[vault] and [metrics] changes need a restart")
+            if _max_ttl(new) > _max_ttl(old):
+                problems.append("raising a ttl above the longest one in force needs a restart (key retirement)")
+        with contextlib.suppress(BrokerError):
+            self.audit.reopen()  # logrotate sends SIGHUP after renaming the file
+        if problems or new is None:
+            for p in problems:
+                log.error("reload refused: %s", p)
+            self.audit.record("reload", **who, decision="deny", reason="; ".join(problems)[:2000],
+                              old_sha256=old.sha256)
+            self.metrics.reloads.labels("refused").inc()
+            return False, problems, old.sha256
+        removed = [f"{wf}/{tool}" for wf, w in old.workflows.items() for tool in w.tools
+                   if wf not in new.workflows or tool not in new.workflows[wf].tools]
+        removed += [wf for wf in old.workflows if wf not in new.workflows]
+        # One assignment: every request sees either the old or the new config, never a mix.
+        self.config = rt.config = new
+        self.audit.record("reload", **who, decision="allow", old_sha256=old.sha256, new_sha256=new.sha256,
+                          removed_scopes=removed,
+                          reason="tokens of removed scopes no longer verify" if removed else "no scope removed")
+        self.metrics.reloads.labels("applied").inc()
+        log.info("reloaded config sha256=%s workflows=%d removed_scopes=%s", new.sha256[:12], len(new.workflows),
+                 removed or "none")
+        return True, [], new.sha256
+
+    def status(self) -> dict[str, Any]:
+        now = self._clock()
+        fd = self._frontdoor
+        mints = sum(s.value for m in self.metrics.registry.collect() if m.name == "broker_mints"
+                    for s in m.samples if s.name.endswith("_total"))
+        denials = sum(s.value for m in self.metrics.registry.collect() if m.name == "broker_denials"
+                      for s in m.samples if s.name.endswith("_total"))
+        return {
+            "uptime_seconds": round(now - self._started, 1),
+            "token_backend": tokens.BACKEND, "pump_backend": _pump.BACKEND,
+            "trust_domain": self.config.broker.trust_domain, "config_sha256": self.config.sha256,
+            "workflows": sorted(self.config.workflows),
+            "keys": {"current": self.ring.current.kid, "published": sorted(self.ring.verify_keys),
+                     "current_age_seconds": round(now - self.ring.rotated_at, 1)},
+            "mints": int(mints), "denials": int(denials),
+            "connections": fd.connections if fd else 0,
+            "revoked_tokens": len(self._rt.revoked) if self._rt else 0,
+            "degraded": [],
+        }
 
 
 def _raise_fd_limit(max_connections: int) -> None:
@@ -126,14 +256,16 @@ def _raise_fd_limit(max_connections: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def serve(config: Config) -> None:
-    """Run the daemon in the foreground until SIGINT or SIGTERM."""
+def serve(config: Config, config_path: str | None = None) -> None:
+    """Run the daemon in the foreground until SIGINT or SIGTERM; SIGHUP reloads."""
     _raise_fd_limit(config.broker.max_connections)
+
     async def main() -> None:
-        daemon = Daemon(config)
+        daemon = Daemon(config, config_path)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, daemon.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(daemon.reload({"signal": "SIGHUP"})))
         await daemon.run()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

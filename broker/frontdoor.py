@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import secrets
+import select
 import socket
 import stat
 import threading
@@ -59,6 +60,11 @@ class FrontDoor:
 
     def __init__(self, listener: socket.socket, internal_path: str, max_connections: int) -> None:
         self._listener = listener
+        # Non-blocking, so a connection that vanished between poll and accept cannot stall the thread.
+        listener.setblocking(False)
+        # stop_accepting() wakes the poll through this pipe. Never shutdown(2) the listener: when
+        # systemd passed it in (broker.socket), that would break the socket for every later start.
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._internal = internal_path
         self._max = max_connections
         self._ids = itertools.count(1)
@@ -75,6 +81,10 @@ class FrontDoor:
     @property
     def backend(self) -> str:
         return _pump.BACKEND
+
+    @property
+    def accepting(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
 
     @property
     def connections(self) -> int:
@@ -95,10 +105,12 @@ class FrontDoor:
             return
         self._stopping = True
         with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(2)
+            os.write(self._wake_w, b"x")
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         self._listener.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def close(self) -> None:
         """Stop accepting and drop every relayed connection. Idempotent."""
@@ -111,19 +123,33 @@ class FrontDoor:
             self._peers.pop(name, None)
 
     def _accept_loop(self) -> None:
+        poller = select.poll()
+        poller.register(self._listener.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         while not self._stopping:
+            events = poller.poll()  # releases the GIL while waiting
+            if self._stopping or any(fd == self._wake_r for fd, _ in events):
+                return
             try:
                 conn, _ = self._listener.accept()
-            except OSError:
-                if self._stopping:
-                    return
-                log.exception("front door: accept failed")
+            except BlockingIOError:
+                continue  # the client gave up between poll and accept
+            except OSError as exc:
+                # EMFILE and friends: log, back off briefly, keep serving the connections we have.
+                log.error("front door: accept failed: %s", exc)
+                self._wake_or_sleep(poller)
                 continue
+            conn.setblocking(True)
             try:
                 self._admit(conn)
             except Exception:  # one bad connection must never stop the front door
                 log.exception("front door: could not relay a connection")
                 conn.close()
+
+    def _wake_or_sleep(self, poller: select.poll) -> None:
+        poller.unregister(self._listener.fileno())
+        poller.poll(100)
+        poller.register(self._listener.fileno(), select.POLLIN)
 
     def _admit(self, conn: socket.socket) -> None:
         if len(self._names) >= self._max:

@@ -66,6 +66,10 @@ class KeyRing:
     def jwks_json(self) -> str:
         return self._jwks_json
 
+    @property
+    def rotated_at(self) -> float:
+        return self._rotated_at
+
     def key_ages(self, now: float) -> dict[str, float]:
         return {self._current.kid: now - self._rotated_at}
 

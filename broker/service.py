@@ -24,6 +24,7 @@ from broker.attest import Caller, PeerCred, attest
 from broker.config import Config
 from broker.errors import AttestationError, InvalidToken, PermissionDenied
 from broker.keyring import KeyRing
+from broker.metrics import UNKNOWN, Metrics, denial_category
 from broker.policy import Grant, authorize_mint, caller_matches, svid_workflows
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc as pb_grpc
@@ -45,12 +46,21 @@ class Auditor(Protocol):
     def record(self, event: str, **fields: Any) -> None: ...
 
 
+class Admin(Protocol):
+    """What the admin RPCs ask of the daemon that owns the servicers."""
+
+    async def reload(self, who: dict[str, object]) -> tuple[bool, list[str], str]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
 class Runtime:
     """What the servicers share: swappable config, the key ring, revocations, audit, peers, clock."""
 
     def __init__(self, config: Config, ring: KeyRing, audit: Auditor, peers: Peers,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], *, metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
         self.ring = ring
         self.audit = audit
         self.peers = peers
@@ -111,7 +121,29 @@ class Runtime:
 
     def verify(self, token: str, audience: str, tool: str | None, now: int) -> tokens.Claims:
         expect = tokens.Expect(self.config.broker.trust_domain, audience, tool)
-        return self.verifier.verify(token.encode("ascii", "replace"), expect, now)
+        try:
+            claims = self.verifier.verify(token.encode("ascii", "replace"), expect, now)
+            # A reload may have removed the scope this token was minted for: it ends with the scope.
+            wf = self.config.workflows.get(claims.wf)
+            if wf is None or (claims.tool is not None and claims.tool not in wf.tools):
+                raise InvalidToken("scope removed from the config")
+        except InvalidToken:
+            self.metrics.verifications.labels("invalid").inc()
+            raise
+        self.metrics.verifications.labels("valid").inc()
+        return claims
+
+    def count_denial(self, workflow: str, tool: str, reason: str) -> None:
+        wf = self.config.workflows.get(workflow)
+        self.metrics.denials.labels(
+            workflow if wf else UNKNOWN, tool if wf and tool in wf.tools else UNKNOWN, denial_category(reason)).inc()
+
+    def admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        """The caller, if it is root or the daemon's own uid; else PermissionDenied."""
+        caller = self.caller(context)
+        if caller.uid not in (0, os.geteuid()):
+            raise PermissionDenied(f"uid {caller.uid} is not an administrator")
+        return caller
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, msg: str) -> NoReturn:
@@ -124,8 +156,28 @@ def _name_ok(value: str, *, allow_empty: bool = False) -> bool:
 
 
 class BrokerService(pb_grpc.BrokerServicer):
-    def __init__(self, rt: Runtime) -> None:
+    def __init__(self, rt: Runtime, admin: Admin) -> None:
         self._rt = rt
+        self._admin = admin
+
+    async def Reload(self, request: pb.ReloadRequest,
+                     context: grpc.aio.ServicerContext[Any, Any]) -> pb.ReloadResponse:
+        try:
+            caller = self._rt.admin(context)
+        except (AttestationError, PermissionDenied) as exc:
+            self._rt.audit.record("deny", rpc="Reload", decision="deny", reason=exc.reason)
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+        applied, problems, sha = await self._admin.reload(caller.audit_fields())
+        return pb.ReloadResponse(applied=applied, problems=problems, config_sha256=sha)
+
+    async def Status(self, request: pb.StatusRequest,
+                     context: grpc.aio.ServicerContext[Any, Any]) -> pb.StatusResponse:
+        try:
+            self._rt.admin(context)
+        except (AttestationError, PermissionDenied) as exc:
+            self._rt.audit.record("deny", rpc="Status", decision="deny", reason=exc.reason)
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+        return pb.StatusResponse(status_json=json.dumps(self._admin.status(), sort_keys=True))
 
     async def MintToken(self, request: pb.MintTokenRequest,
                         context: grpc.aio.ServicerContext[Any, Any]) -> pb.MintTokenResponse:
@@ -142,9 +194,11 @@ class BrokerService(pb_grpc.BrokerServicer):
         except (AttestationError, PermissionDenied) as exc:
             rt.audit.record("deny", **fields, **(caller.audit_fields() if caller else {}),
                             decision="deny", reason=exc.reason)
+            rt.count_denial(request.workflow, request.tool, exc.reason)
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
         now = int(rt.clock())
         token, jti, exp = rt.mint(grant, (audience,), now)
+        rt.metrics.mints.labels(request.workflow, request.tool).inc()
         rt.audit.record("mint", **fields, **caller.audit_fields(), jti=jti, exp=exp, kid=rt.ring.current.kid,
                         decision="allow", reason="policy")
         return pb.MintTokenResponse(token=token.decode("ascii"), jti=jti, expires_at=exp, issued_at=now)

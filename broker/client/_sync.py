@@ -126,6 +126,16 @@ class Client:
         r = self._call(self._stub.DescribeWorkflow, pb.DescribeWorkflowRequest(workflow=workflow))
         return list(r.tools)
 
+    def reload(self) -> tuple[bool, list[str], str]:
+        """Admin only: make the daemon re-read its config. (applied, problems, config sha256)."""
+        r = self._call(self._stub.Reload, pb.ReloadRequest(), retries=0)
+        return bool(r.applied), list(r.problems), str(r.config_sha256)
+
+    def status(self) -> dict[str, Any]:
+        """Admin only: the daemon's state (uptime, backends, keys, counters, degraded reasons)."""
+        status: dict[str, Any] = json.loads(self._call(self._stub.Status, pb.StatusRequest()).status_json)
+        return status
+
     def watch(self) -> Iterator[tuple[str, dict[str, int]]]:
         """Yield (JWKS JSON, revoked jti -> exp) now and on every change, until the stream ends."""
         try:

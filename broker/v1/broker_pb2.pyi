@@ -105,3 +105,27 @@ class DescribeWorkflowResponse(_message.Message):
     workflow: str
     tools: _containers.RepeatedCompositeFieldContainer[ToolDelivery]
     def __init__(self, workflow: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[ToolDelivery, _Mapping]]] = ...) -> None: ...
+
+class ReloadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadResponse(_message.Message):
+    __slots__ = ("applied", "problems", "config_sha256")
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_SHA256_FIELD_NUMBER: _ClassVar[int]
+    applied: bool
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    config_sha256: str
+    def __init__(self, applied: _Optional[bool] = ..., problems: _Optional[_Iterable[str]] = ..., config_sha256: _Optional[str] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("status_json",)
+    STATUS_JSON_FIELD_NUMBER: _ClassVar[int]
+    status_json: str
+    def __init__(self, status_json: _Optional[str] = ...) -> None: ...

@@ -64,6 +64,16 @@ class BrokerStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.DescribeWorkflowRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.DescribeWorkflowResponse.FromString,
                 _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/broker.v1.Broker/Reload',
+                request_serializer=broker_dot_v1_dot_broker__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.ReloadResponse.FromString,
+                _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/broker.v1.Broker/Status',
+                request_serializer=broker_dot_v1_dot_broker__pb2.StatusRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.StatusResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -113,6 +123,20 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reload(self, request, context):
+        """Admin only (root or the daemon's own uid): re-read the config file, validate fully, swap atomically.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """Admin only: a summary of the daemon's state for `broker status`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +169,16 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.DescribeWorkflow,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.DescribeWorkflowRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.DescribeWorkflowResponse.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.ReloadRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.ReloadResponse.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.StatusRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.StatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +343,60 @@ class Broker:
             '/broker.v1.Broker/DescribeWorkflow',
             broker_dot_v1_dot_broker__pb2.DescribeWorkflowRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.DescribeWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Broker/Reload',
+            broker_dot_v1_dot_broker__pb2.ReloadRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Broker/Status',
+            broker_dot_v1_dot_broker__pb2.StatusRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

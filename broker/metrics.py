@@ -1,0 +1,121 @@
+"""Prometheus metrics on a separate listener (a loopback port or a Unix socket), off by default.
+
+Labels never carry token or secret material, and their values come from bounded sets: workflow and tool
+names from the config (anything else is counted as ``_unknown``), fixed reason categories, method names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socketserver
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from http.server import HTTPServer
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, MetricsHandler
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+UNKNOWN: Final = "_unknown"
+# Denial reasons are free text for the audit log; metrics get one of these categories.
+DENIAL_CATEGORIES: Final = (
+    ("unknown workflow", "unknown_workflow"),
+    ("does not match", "caller_mismatch"),
+    ("may not use", "caller_mismatch"),
+    ("not granted", "tool_not_granted"),
+    ("exceeds", "ttl_exceeded"),
+    ("identity", "attestation"),
+    ("pid", "attestation"),
+)
+
+
+def denial_category(reason: str) -> str:
+    return next((cat for needle, cat in DENIAL_CATEGORIES if needle in reason), "other")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.mints = Counter("broker_mints", "Tokens minted", ["workflow", "tool"], registry=r)
+        self.denials = Counter("broker_denials", "Requests refused by policy or attestation",
+                               ["workflow", "tool", "reason"], registry=r)
+        self.verifications = Counter("broker_verifications", "Token verifications by the daemon", ["result"],
+                                     registry=r)
+        self.rpc_seconds = Histogram("broker_rpc_duration_seconds", "Unary RPC handling time", ["method"],
+                                     registry=r, buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .1, 1))
+        self.watchers = Gauge("broker_stream_subscribers", "Open key/revocation streams (sidecars, verifiers)",
+                              registry=r)
+        self.reloads = Counter("broker_reloads", "Config reloads", ["result"], registry=r)
+        self._server: HTTPServer | socketserver.UnixStreamServer | None = None
+
+    def add_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+    def serve(self, listen: str) -> None:
+        """Serve /metrics on ``unix:/path`` or ``host:port`` (loopback only) in a daemon thread."""
+        handler = MetricsHandler.factory(self.registry)
+        server: HTTPServer | socketserver.UnixStreamServer
+        if listen.startswith("unix:"):
+            server = _UnixHTTPServer(listen[len("unix:"):], _unix_handler(handler))
+        else:
+            host, _, port = listen.rpartition(":")
+            server = _QuietHTTPServer((host, int(port)), handler)
+        self._server = server
+        threading.Thread(target=server.serve_forever, name="broker-metrics", daemon=True).start()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+class _QuietHTTPServer(HTTPServer):
+    daemon_threads = True
+
+
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: str, handler: type[MetricsHandler]) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        super().__init__(path, handler)
+        os.chmod(path, 0o660)
+
+
+def _unix_handler(base: type[MetricsHandler]) -> type[MetricsHandler]:
+    class Handler(base):  # type: ignore[valid-type,misc]
+        # A Unix peer has no (host, port): give the logging and CGI-ish code something to print.
+        def address_string(self) -> str:
+            return "unix"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    return Handler
+
+
+class FuncCollector(Collector):
+    """Values read at scrape time from the live daemon (connections, key ages, revocations)."""
+
+    def __init__(self, read: Callable[[], Mapping[str, Any]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        v = self._read()
+        yield GaugeMetricFamily("broker_frontdoor_connections", "Client connections open on the public socket",
+                                value=v["connections"])
+        accepted = CounterMetricFamily("broker_frontdoor_connections", "Connections by outcome at accept",
+                                       labels=["outcome"])
+        accepted.add_metric(["accepted"], v["accepted"])
+        accepted.add_metric(["refused"], v["refused"])
+        yield accepted
+        ages = GaugeMetricFamily("broker_signing_key_age_seconds", "Age of the current signing key", labels=["kid"])
+        for kid, age in v["key_ages"].items():
+            ages.add_metric([kid], age)
+        yield ages
+        yield GaugeMetricFamily("broker_revoked_tokens", "Revoked tokens not yet expired", value=v["revoked"])
+        yield GaugeMetricFamily("broker_uptime_seconds", "Seconds since the daemon started", value=v["uptime"])
