@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +19,14 @@ def _duration(text: str) -> int:
         return config_mod.parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _signal(text: str) -> int:
+    name = text.upper() if text.upper().startswith("SIG") else "SIG" + text.upper()
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"unknown signal {text!r}") from None
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -50,6 +59,22 @@ def _parser() -> argparse.ArgumentParser:
     _client_args(p)
 
     p = sub.add_parser("jwks", help="print the public keys that verify tokens (RFC 7517 JSON)")
+    _client_args(p)
+
+    p = sub.add_parser("exec", help="run COMMAND with the workflow's credentials delivered and kept fresh",
+                       usage="broker exec --workflow W [--tool T ...] [--restart | --signal SIG] -- COMMAND [ARGS...]")
+    p.add_argument("--workflow", required=True)
+    p.add_argument("--tool", action="append", default=[], help="only these tools (repeatable; default: all)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--restart", action="store_true",
+                      help="restart COMMAND when a credential delivered by environment variable changes")
+    mode.add_argument("--signal", type=_signal, help="send this signal (e.g. HUP) after files change")
+    p.add_argument("--grace", type=_duration, default=10, help="SIGTERM-to-SIGKILL grace on restart (default 10s)")
+    p.add_argument("--refresh-fraction", type=float, default=0.5,
+                   help="replace a credential at this fraction of its lifetime (default 0.5, with jitter)")
+    p.add_argument("--wait-timeout", type=_duration, default=60,
+                   help="how long to wait for the daemon before giving up (default 60s)")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
     _client_args(p)
 
     p = sub.add_parser("status", help="summarise the daemon's state (root or the daemon's uid)")
@@ -109,6 +134,23 @@ def _jwks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exec(args: argparse.Namespace) -> int:
+    from broker.sidecar import ExecOptions, run
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        print("broker exec: no COMMAND given (put it after --)", file=sys.stderr)
+        return 2
+    if not 0.05 <= args.refresh_fraction <= 0.95:
+        print("broker exec: --refresh-fraction must be between 0.05 and 0.95", file=sys.stderr)
+        return 2
+    logs.setup("info", "text")
+    return run(ExecOptions(
+        workflow=args.workflow, command=argv, tools=tuple(args.tool), restart=args.restart, signal=args.signal,
+        grace=float(args.grace), refresh_fraction=args.refresh_fraction, wait_timeout=float(args.wait_timeout),
+        socket=resolve_socket(args.socket, args.config)))
+
+
 def _status(args: argparse.Namespace) -> int:
     with _client(args) as c:
         st = c.status()
@@ -155,7 +197,7 @@ def _config_check(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"serve": _serve, "token": _token, "verify": _verify, "jwks": _jwks, "config": _config_check,
-                "status": _status, "reload": _reload}
+                "status": _status, "reload": _reload, "exec": _exec}
     if args.command == "scan":
         from broker.scan import cli as scan_cli
 

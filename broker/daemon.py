@@ -146,6 +146,7 @@ class Daemon:
             # Order matters: refuse new connections, let in-flight calls finish through the relay,
             # then drop the relayed connections.
             frontdoor.stop_accepting()
+            await rt.close_streams()
             await asyncio.sleep(SHUTDOWN_DRAIN)
             await server.stop(SHUTDOWN_GRACE)
             await asyncio.get_running_loop().run_in_executor(None, frontdoor.close)

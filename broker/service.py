@@ -69,6 +69,7 @@ class Runtime:
         self.revoked: dict[str, int] = {}  # jti -> exp, published on the trust stream
         self._version = 0  # bumps on every key or revocation change
         self._changed = asyncio.Condition()
+        self.closing = False
 
     async def keys_changed(self) -> None:
         """The ring has new keys: verify with them and wake every stream."""
@@ -82,6 +83,11 @@ class Runtime:
         self.revoked[jti] = exp
         await self._publish()
 
+    async def close_streams(self) -> None:
+        """Shutting down: end every key/revocation stream now instead of holding the stop for them."""
+        self.closing = True
+        await self._publish()
+
     async def _publish(self) -> None:
         async with self._changed:
             self._version += 1
@@ -90,10 +96,11 @@ class Runtime:
     async def trust_updates(self) -> AsyncIterator[tuple[str, dict[str, int]]]:
         """(JWKS, revoked jti -> exp) now, then each time either changes (full state each time)."""
         seen = -1
-        while True:
+        while not self.closing:
             if self._version != seen:
                 seen = self._version
                 yield self.ring.jwks_json, dict(self.revoked)
+                continue
             async with self._changed:
                 await self._changed.wait_for(self._changed_since(seen))
 
@@ -224,6 +231,8 @@ class BrokerService(pb_grpc.BrokerServicer):
                         context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.JWKS]:
         async for doc, revoked in self._rt.trust_updates():
             yield pb.JWKS(jwks_json=doc, revoked=[pb.RevokedToken(jti=j, expires_at=e) for j, e in revoked.items()])
+        # Only a shutdown ends the stream; UNAVAILABLE tells clients to reconnect (to the next daemon).
+        await _abort(context, grpc.StatusCode.UNAVAILABLE, "broker is shutting down")
 
     async def RevokeTokens(self, request: pb.RevokeTokensRequest,
                            context: grpc.aio.ServicerContext[Any, Any]) -> pb.RevokeTokensResponse:
@@ -337,6 +346,7 @@ class WorkloadAPI(wl_grpc.SpiffeWorkloadAPIServicer):
             if doc != last:  # SPIFFE bundles carry keys only; revocations alone are no news here
                 last = doc
                 yield wl.JWTBundlesResponse(bundles={td: doc.encode()})
+        await _abort(context, grpc.StatusCode.UNAVAILABLE, "broker is shutting down")
 
     async def ValidateJWTSVID(self, request: wl.ValidateJWTSVIDRequest,
                               context: grpc.aio.ServicerContext[Any, Any]) -> wl.ValidateJWTSVIDResponse:

@@ -22,7 +22,8 @@ from broker.errors import BrokerError, PermissionDenied
 
 def main() -> int:
     uid, gid, action, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    client = Client(path, retries=0) if action.startswith("mint") else None
+    client = Client(path, retries=0) if action.startswith(("mint", "revoke")) else None
+    token = sys.stdin.readline().strip() if action == "revoke" else ""  # never in argv
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
@@ -35,7 +36,11 @@ def main() -> int:
         assert libc.prctl(4, 0, 0, 0, 0) == 0  # PR_SET_DUMPABLE = 4
         assert libc.prctl(3, 0, 0, 0, 0) == 0  # PR_GET_DUMPABLE = 3
         action = "mint"
-    if action == "connect":
+    if action == "revoke":
+        assert client is not None
+        with client:
+            result["revoked"] = client.revoke([token])
+    elif action == "connect":
         s = socket.socket(socket.AF_UNIX)
         try:
             s.connect(path)

@@ -31,9 +31,9 @@ def throwaway_user() -> Iterator[pwd.struct_passwd]:
         subprocess.run(["userdel", name], check=False)
 
 
-def as_user(user: pwd.struct_passwd, *args: str) -> dict[str, object]:
+def as_user(user: pwd.struct_passwd, *args: str, stdin: str = "") -> dict[str, object]:
     r = subprocess.run([sys.executable, HELPER, str(user.pw_uid), str(user.pw_gid), *args],
-                       capture_output=True, text=True, timeout=30,
+                       capture_output=True, text=True, timeout=30, input=stdin,
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert r.returncode == 0, r.stderr
     result: dict[str, object] = json.loads(r.stdout)
@@ -55,7 +55,7 @@ def test_second_uid_is_denied_and_locked_out_of_the_internal_socket(
     with running_daemon(path, sock, os.path.join(short_tmp, "audit.jsonl")) as d:
         # root may mint for root-only; the second uid may not, whatever it asks for.
         with Client(sock) as c:
-            assert c.mint("root-only", "read_ticket").token
+            root_token = c.mint("root-only", "read_ticket").token
             with pytest.raises(PermissionDenied):
                 c.mint("agent", "read_ticket")
         assert as_user(throwaway_user, "mint", sock, "root-only", "read_ticket") == {
@@ -74,3 +74,7 @@ def test_second_uid_is_denied_and_locked_out_of_the_internal_socket(
         result = as_user(throwaway_user, "connect", internal)
         assert result["connected"] is False and result["errno"] == 13  # EACCES
         assert as_user(throwaway_user, "connect", sock)["connected"] is True
+        # Holding someone else's token is not enough to revoke it: the caller must match its workflow.
+        assert as_user(throwaway_user, "revoke", sock, stdin=root_token + "\n")["revoked"] == 0
+        with Client(sock) as c:
+            assert c.verify(root_token, "read_ticket")["wf"] == "root-only"

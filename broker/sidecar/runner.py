@@ -1,0 +1,269 @@
+"""``broker exec``: deliver a workflow's credentials to a child process and keep them fresh.
+
+Flow: describe the workflow (which tools, delivered how) -> mint every credential once -> start the
+child -> refresh each credential at a fraction of its lifetime, and at once when the daemon revokes one
+-> swap files atomically and signal, or restart the child for environment variables -> when the child
+exits, revoke what this run was issued, delete the directory, exit with the child's status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Final, TypeVar
+
+import uvloop
+
+from broker.client import AsyncClient, Minted
+from broker.errors import BrokerError, PermissionDenied, Unavailable
+from broker.sidecar.credfiles import CredentialDir
+
+log = logging.getLogger("broker.exec")
+
+T = TypeVar("T")
+MAX_BACKOFF: Final = 30.0
+REVOKE_BATCH: Final = 256
+# A token is never used in its last seconds: clocks drift and requests take time.
+EXPIRY_MARGIN: Final = 2.0
+
+
+@dataclass(frozen=True)
+class ExecOptions:
+    workflow: str
+    command: list[str]
+    tools: tuple[str, ...] = ()  # empty: every tool of the workflow
+    restart: bool = False
+    signal: int | None = None
+    grace: float = 10.0
+    refresh_fraction: float = 0.5
+    wait_timeout: float = 60.0
+    socket: str | None = None
+
+
+@dataclass
+class _Credential:
+    tool: str
+    env: str
+    file: str
+    minted: Minted | None = None
+    refresh_at: float = 0.0
+    backoff: float = 0.5
+    issued: list[str] = field(default_factory=list)  # every token of this run, revoked at exit
+
+
+class Sidecar:
+    def __init__(self, opts: ExecOptions, *, clock: Callable[[], float] = time.time) -> None:
+        self._o = opts
+        self._clock = clock
+        self._client = AsyncClient(opts.socket, retries=1, refresh_fraction=opts.refresh_fraction)
+        self._creds: list[_Credential] = []
+        self._dir: CredentialDir | None = None
+        self._wake = asyncio.Event()
+        self._restart = asyncio.Event()
+        self._exiting = False
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def run(self) -> int:
+        try:
+            await self._prepare()
+        except BrokerError as exc:
+            log.error("broker exec: %s", exc)
+            await self._finish()
+            return 1
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._forward, sig)
+        tasks = [asyncio.create_task(self._refresh_loop()), asyncio.create_task(self._watch_revocations())]
+        try:
+            return await self._supervise()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._finish()
+
+    async def _prepare(self) -> None:
+        described = await self._retry_until_ready(lambda: self._client.describe(self._o.workflow))
+        by_name = {t.tool: t for t in described}
+        unknown = [t for t in self._o.tools if t not in by_name]
+        if unknown:
+            raise BrokerError(f"workflow {self._o.workflow!r} has no tool(s) {', '.join(unknown)}")
+        chosen = [by_name[t] for t in (self._o.tools or tuple(by_name))]
+        self._dir = CredentialDir()
+        for t in chosen:
+            # A tool with no delivery configured still gets a file: something the agent can read.
+            self._creds.append(_Credential(t.tool, t.env, t.file or ("" if t.env else f"{t.tool}.token")))
+        for cred in self._creds:
+            self._store(cred, await self._retry_until_ready(functools.partial(self._mint, cred)))
+        self._dir.bump()
+
+    async def _retry_until_ready(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Before the child starts: retry while the daemon is unreachable, up to --wait-timeout."""
+        deadline = time.monotonic() + self._o.wait_timeout
+        delay = 0.2
+        while True:
+            try:
+                return await call()
+            except Unavailable:
+                if time.monotonic() + delay > deadline:
+                    raise BrokerError(f"the broker daemon stayed unreachable for {self._o.wait_timeout:.0f}s") \
+                        from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _mint(self, cred: _Credential) -> Minted:
+        return await self._client.mint(self._o.workflow, cred.tool)
+
+    def _store(self, cred: _Credential, minted: Minted) -> None:
+        assert self._dir is not None
+        cred.minted = minted
+        cred.issued.append(minted.token)
+        cred.refresh_at = minted.refresh_at(self._o.refresh_fraction)
+        cred.backoff = 0.5
+        if cred.file:
+            self._dir.write(cred.file, minted.token.encode() + b"\n")
+
+    def _child_env(self) -> dict[str, str]:
+        assert self._dir is not None
+        env = dict(os.environ)
+        env["BROKER_CREDENTIALS_DIR"] = self._dir.path
+        for cred in self._creds:
+            if cred.env and cred.minted is not None:
+                env[cred.env] = cred.minted.token
+        return env
+
+    async def _supervise(self) -> int:
+        while True:
+            # The wrapper sets PR_SET_PDEATHSIG, then execs the command: if we die, the agent dies too.
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "broker.sidecar._pdeathsig", str(os.getpid()), *self._o.command,
+                env=self._child_env())
+            self._restart.clear()
+            waiter = asyncio.create_task(self._proc.wait())
+            restart = asyncio.create_task(self._restart.wait())
+            await asyncio.wait({waiter, restart}, return_when=asyncio.FIRST_COMPLETED)
+            restart.cancel()
+            if waiter.done() and (self._exiting or not self._restart.is_set()):
+                code = waiter.result()
+                return 128 - code if code < 0 else code
+            log.info("broker exec: restarting the child to deliver new credentials")
+            await self._stop_child(waiter)
+            if self._exiting:
+                code = waiter.result()
+                return 128 - code if code < 0 else code
+
+    async def _stop_child(self, waiter: asyncio.Task[int]) -> None:
+        proc = self._proc
+        assert proc is not None
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), self._o.grace)
+            except TimeoutError:
+                proc.kill()
+        await waiter
+
+    def _forward(self, sig: int) -> None:
+        if sig in (signal.SIGINT, signal.SIGTERM):
+            self._exiting = True
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.send_signal(sig)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            now = self._clock()
+            due = [c for c in self._creds if now >= c.refresh_at]
+            changed_files = changed_env = False
+            for cred in due:
+                changed = await self._refresh(cred, now)
+                changed_files |= changed and bool(cred.file)
+                changed_env |= changed and bool(cred.env)
+            if changed_files or changed_env:
+                self._publish(changed_files, changed_env)
+            self._expire(self._clock())
+            soonest = min([c.refresh_at for c in self._creds] +
+                          [c.minted.expires_at - EXPIRY_MARGIN for c in self._creds if c.minted], default=now + 60)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.05, soonest - self._clock()))
+
+    async def _refresh(self, cred: _Credential, now: float) -> bool:
+        try:
+            minted = await self._mint(cred)
+        except (Unavailable, PermissionDenied) as exc:
+            # Keep what we have until it expires; _expire() removes it then. Retry with backoff.
+            cred.refresh_at = now + cred.backoff
+            cred.backoff = min(cred.backoff * 2, MAX_BACKOFF)
+            log.warning("broker exec: could not refresh %s (%s); retrying in %.1fs", cred.tool,
+                        type(exc).__name__, cred.refresh_at - now)
+            return False
+        self._store(cred, minted)
+        return True
+
+    def _publish(self, files: bool, env: bool) -> None:
+        assert self._dir is not None
+        if files:
+            self._dir.bump()
+            if self._o.signal is not None and self._proc is not None and self._proc.returncode is None:
+                self._proc.send_signal(self._o.signal)
+        if env:
+            if self._o.restart:
+                self._restart.set()
+            else:
+                log.warning("broker exec: new credentials for environment variables reach the child only with "
+                            "--restart; the running child keeps the old ones until they expire")
+
+    def _expire(self, now: float) -> None:
+        assert self._dir is not None
+        expired = [c for c in self._creds if c.minted is not None and now >= c.minted.expires_at - EXPIRY_MARGIN]
+        for cred in expired:
+            # An agent must fail loudly, not keep presenting a dead token.
+            log.error("broker exec: credential for %s expired and could not be renewed; removed it", cred.tool)
+            cred.minted = None
+            if cred.file:
+                self._dir.remove(cred.file)
+        if expired:
+            self._dir.bump()
+
+    async def _watch_revocations(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                async for _, revoked in self._client.watch():
+                    backoff = 0.2
+                    for cred in self._creds:
+                        if cred.minted is not None and cred.minted.jti in revoked:
+                            log.warning("broker exec: credential for %s was revoked; replacing it", cred.tool)
+                            cred.refresh_at = 0.0
+                            self._wake.set()
+            except BrokerError:
+                pass
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
+    async def _finish(self) -> None:
+        tokens = [t for c in self._creds for t in c.issued]
+        if tokens:
+            # Tell the daemon this run is over: its tokens stop verifying now, not at their expiry.
+            with contextlib.suppress(BrokerError, TimeoutError):
+                for i in range(0, len(tokens), REVOKE_BATCH):
+                    await asyncio.wait_for(self._client.revoke(tokens[i:i + REVOKE_BATCH]), 5)
+        if self._dir is not None:
+            self._dir.cleanup()
+        await self._client.close()
+
+
+def run(opts: ExecOptions) -> int:
+    async def main() -> int:
+        # Built inside the running loop: a grpc.aio channel belongs to the loop that created it.
+        return await Sidecar(opts).run()
+
+    return uvloop.run(main())

@@ -1,0 +1,218 @@
+"""`broker exec` with real processes: a real daemon, a real sidecar, a real child."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from broker.client import Client, TokenVerifier
+from broker.errors import InvalidToken
+from broker.sidecar.credfiles import CredentialDir
+from broker.testing import DaemonProcess, WorkflowSpec, config_text, running_daemon
+
+CHILD = os.path.join(os.path.dirname(__file__), "_agent_child.py")
+ME = {"uid": os.geteuid()}
+
+
+def start_daemon(d: str, tools: list[dict[str, object]]) -> tuple[str, str]:
+    cfg = os.path.join(d, "broker.toml")
+    with open(cfg, "w") as f:
+        f.write(config_text(d, [WorkflowSpec("agent", callers=[ME], tools=tools),
+                                WorkflowSpec("other", callers=[{"uid": 4000000}], tools=[{"name": "x"}])]))
+    return cfg, os.path.join(d, "broker.sock")
+
+
+@pytest.fixture
+def exec_daemon(short_tmp: str) -> Iterator[DaemonProcess]:
+    cfg, sock = start_daemon(short_tmp, [
+        {"name": "crm", "file": "crm.token", "ttl": "4s"},
+        {"name": "mail", "env": "MAIL_TOKEN", "ttl": "4s"},
+        {"name": "plain", "ttl": "1m"},
+    ])
+    with running_daemon(cfg, sock, os.path.join(short_tmp, "audit.jsonl")) as d:
+        yield d
+
+
+def sidecar(sock: str, *args: str, child: tuple[str, ...]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "broker", "exec", "--socket", sock, *args, "--",
+                             sys.executable, CHILD, *child], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def events(proc: subprocess.Popen[str], until: str, count: int = 1, timeout: float = 30) -> list[dict[str, object]]:
+    """Read the child's JSON lines until ``count`` events named ``until`` were seen."""
+    assert proc.stdout is not None
+    seen: list[dict[str, object]] = []
+    deadline = time.monotonic() + timeout
+    while sum(1 for e in seen if e["event"] == until) < count:
+        assert time.monotonic() < deadline, seen
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"child output ended; stderr: {proc.stderr.read() if proc.stderr else ''}")
+        seen.append(json.loads(line))
+    return seen
+
+
+def test_credentials_exist_before_start_and_vanish_after(exec_daemon: DaemonProcess) -> None:
+    p = sidecar(exec_daemon.socket, "--workflow", "agent", child=("MAIL_TOKEN", "crm.token", "0.3", "7"))
+    start = events(p, "start")[0]
+    assert p.wait(30) == 7  # the child's exit code is the sidecar's
+    d = str(start["dir"])
+    assert start["files"] == ["crm.token", "generation", "plain.token"]
+    assert start["generation"] == 1
+    assert d.startswith("/dev/shm/broker-exec-")
+    mail = start["env"]["MAIL_TOKEN"]  # type: ignore[index]
+    assert isinstance(mail, str)
+    assert not os.path.exists(d)  # deleted on exit
+    # Both the file and the environment variable held real tokens, for the right tools; the run revoked
+    # them at exit, so they no longer verify.
+    with Client(exec_daemon.socket) as c:
+        for token, tool in ((start["token"], "crm"), (mail, "mail")):
+            with pytest.raises(InvalidToken) as exc:
+                c.verify(str(token), tool)
+            assert exc.value.reason == "revoked"
+    with TokenVerifier(exec_daemon.socket, "example.org") as v, pytest.raises(InvalidToken):
+        v.verify(str(start["token"]), tool="crm")
+    lines = [json.loads(x) for x in open(exec_daemon.audit_log).read().splitlines()]
+    assert sum(1 for x in lines if x["event"] == "revoke") == 3
+
+
+def test_files_are_private_and_swapped_with_signal(exec_daemon: DaemonProcess) -> None:
+    p = sidecar(exec_daemon.socket, "--workflow", "agent", "--tool", "crm", "--signal", "HUP",
+                child=("", "crm.token", "20", "0"))
+    try:
+        start = events(p, "start")[0]
+        d = str(start["dir"])
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(os.path.join(d, "crm.token")).st_mode) == 0o600
+        assert os.stat(os.path.join(d, "crm.token")).st_uid == os.geteuid()
+        hups = [e for e in events(p, "hup", count=2) if e["event"] == "hup"]
+        gens = [start["generation"]] + [h["generation"] for h in hups]
+        assert gens == sorted(gens) and len(set(gens)) == 3  # a new generation each time
+        assert len({start["token"], *(h["token"] for h in hups)}) == 3  # and a new token
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+
+
+def test_revocation_forces_an_immediate_swap(exec_daemon: DaemonProcess) -> None:
+    p = sidecar(exec_daemon.socket, "--workflow", "agent", "--tool", "plain", "--signal", "HUP",
+                child=("", "plain.token", "30", "0"))
+    try:
+        start = events(p, "start")[0]
+        t0 = time.monotonic()
+        with Client(exec_daemon.socket) as c:
+            assert c.revoke([str(start["token"])]) == 1
+        hup = next(e for e in events(p, "hup") if e["event"] == "hup")
+        # The tool's ttl is 1 minute: only the pushed revocation explains a new token this soon.
+        assert time.monotonic() - t0 < 10
+        assert hup["token"] != start["token"] and int(hup["generation"]) > int(start["generation"])  # type: ignore[call-overload]
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+
+
+def test_restart_mode_delivers_new_env(exec_daemon: DaemonProcess) -> None:
+    p = sidecar(exec_daemon.socket, "--workflow", "agent", "--tool", "mail", "--restart", "--grace", "5s",
+                child=("MAIL_TOKEN", "-", "30", "0"))
+    try:
+        seen = events(p, "start", count=2)
+        starts = [e for e in seen if e["event"] == "start"]
+        assert any(e["event"] == "term" and e["pid"] == starts[0]["pid"] for e in seen)  # SIGTERM first
+        assert starts[0]["pid"] != starts[1]["pid"]
+        assert starts[0]["env"]["MAIL_TOKEN"] != starts[1]["env"]["MAIL_TOKEN"]  # type: ignore[index]
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+
+
+def test_signals_reach_the_child_and_its_code_comes_back(exec_daemon: DaemonProcess) -> None:
+    p = sidecar(exec_daemon.socket, "--workflow", "agent", "--tool", "plain", child=("", "-", "30", "3"))
+    events(p, "start")
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(30) == 3
+    assert p.stdout is not None and json.loads(p.stdout.readline())["event"] == "term"
+
+
+def test_killing_the_sidecar_kills_the_child(exec_daemon: DaemonProcess) -> None:
+    p = sidecar(exec_daemon.socket, "--workflow", "agent", "--tool", "plain", child=("", "-", "60", "0"))
+    child_pid = int(events(p, "start")[0]["pid"])  # type: ignore[call-overload]
+    p.kill()
+    p.wait(10)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{child_pid}") and time.monotonic() < deadline:
+        with open(f"/proc/{child_pid}/stat") as f:
+            if f.read().split(") ")[1].startswith("Z"):
+                break  # dead, waiting to be reaped by init
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{child_pid}") or "Z" in open(f"/proc/{child_pid}/stat").read().split(") ")[1][:1]
+
+
+def test_denied_workflow_never_starts_the_child(exec_daemon: DaemonProcess) -> None:
+    p = sidecar(exec_daemon.socket, "--workflow", "other", child=("", "-", "0", "0"))
+    assert p.wait(30) == 1
+    assert p.stdout is not None and p.stdout.read() == ""
+    assert p.stderr is not None and "permission denied" in p.stderr.read()
+
+
+def test_unreachable_daemon_keeps_then_removes_then_restores(short_tmp: str) -> None:
+    cfg, sock = start_daemon(short_tmp, [{"name": "crm", "file": "crm.token", "ttl": "8s"}])
+    audit = os.path.join(short_tmp, "audit.jsonl")
+    with running_daemon(cfg, sock, audit):
+        p = sidecar(sock, "--workflow", "agent", "--signal", "HUP", child=("", "crm.token", "60", "0"))
+        start = events(p, "start")[0]
+    try:
+        path = os.path.join(str(start["dir"]), "crm.token")
+        assert os.path.exists(path)  # the daemon just went away: the credential stays while valid
+        deadline = time.monotonic() + 15
+        while os.path.exists(path):
+            assert time.monotonic() < deadline, "the expired credential was not removed"
+            time.sleep(0.1)
+        with running_daemon(cfg, sock, audit):
+            deadline = time.monotonic() + 30
+            while not os.path.exists(path):
+                assert time.monotonic() < deadline, "the credential did not come back"
+                time.sleep(0.1)
+            with open(path) as f, Client(sock) as c:
+                assert c.verify(f.read().strip(), "crm")["wf"] == "agent"
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+
+
+def test_reader_never_sees_a_partial_file() -> None:
+    creds = CredentialDir()
+    try:
+        values = [(f"token-{i}-" + "x" * (i % 97 * 13)).encode() for i in range(1000)]
+        creds.write("t", values[0])
+        reader = subprocess.Popen([sys.executable, "-c", (
+            "import sys, os\n"
+            "path, stop = sys.argv[1], sys.argv[2]\n"
+            "bad = reads = 0\n"
+            "while not os.path.exists(stop):\n"
+            "    with open(path, 'rb') as f: data = f.read()\n"
+            "    reads += 1\n"
+            "    parts = data.split(b'-')\n"
+            "    ok = len(parts) == 3 and parts[0] == b'token' and len(parts[2]) == int(parts[1]) % 97 * 13\n"
+            "    bad += not ok\n"
+            "print(reads, bad)\n"), os.path.join(creds.path, "t"), os.path.join(creds.path, "stop")],
+            stdout=subprocess.PIPE, text=True)
+        for v in values[1:]:
+            creds.write("t", v)
+            creds.bump()
+        with open(os.path.join(creds.path, "stop"), "w"):
+            pass
+        out, _ = reader.communicate(timeout=60)
+        reads, bad = map(int, out.split())
+        assert reads > 0 and bad == 0
+        assert creds.generation == 999
+    finally:
+        creds.cleanup()
+    assert not os.path.exists(creds.path)
