@@ -16,7 +16,8 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import grpc
@@ -35,7 +36,9 @@ from broker.instrument import Instrument
 from broker.keyring import KeyRing, KeySource, MemoryKeySource
 from broker.metrics import FuncCollector, Metrics
 from broker.service import BrokerService, Runtime, WorkloadAPI
+from broker.tokens import VerifyKey
 from broker.v1 import broker_pb2, broker_pb2_grpc
+from broker.vault import FleetJwks, SecretManager, VaultError, VaultSession
 
 log = logging.getLogger("broker")
 
@@ -59,6 +62,41 @@ SERVICE_NAMES: Final = (
 RESTART_ONLY: Final = ("trust_domain", "socket", "algorithm", "rotate_every", "max_connections", "audit_log")
 
 
+VAULT_HEALTH_SERVICE: Final = "broker.vault"
+VAULT_HEALTH_EVERY: Final = 2.0
+
+
+class _FleetKeys:
+    """The key view when Vault is configured: every live broker's keys, ours included."""
+
+    def __init__(self, fleet: FleetJwks) -> None:
+        self._fleet = fleet
+
+    @property
+    def verify_keys(self) -> Mapping[str, VerifyKey]:
+        return self._fleet.keys()
+
+    @property
+    def jwks_json(self) -> str:
+        return self._fleet.jwks_json()
+
+
+@dataclass
+class _Vault:
+    session: VaultSession
+    fleet: FleetJwks
+    secrets: SecretManager
+
+    def degraded(self) -> list[str]:
+        return [r for r in (self.session.degraded, self.secrets.degraded) if r]
+
+    async def close(self) -> None:
+        # Leases first (they need our token), then the heartbeat, then our own token.
+        await self.secrets.close()
+        await self.fleet.close()
+        await self.session.close()
+
+
 def _max_ttl(config: Config) -> int:
     return max([config.broker.token_ttl] + [t.ttl for wf in config.workflows.values() for t in wf.tools.values()])
 
@@ -80,6 +118,7 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._frontdoor: FrontDoor | None = None
         self._rt: Runtime | None = None
+        self._vault: _Vault | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -120,8 +159,11 @@ class Daemon:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server)
-        for name in ("", *SERVICE_NAMES):
+        vault_entry = (VAULT_HEALTH_SERVICE,) if self.config.vault else ()
+        for name in ("", *SERVICE_NAMES, *vault_entry):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.config.vault is not None:
+            self._vault = await self._start_vault(rt)
         server.add_insecure_port(f"unix:{internal}")
         await server.start()
         frontdoor.start()
@@ -135,6 +177,7 @@ class Daemon:
                  _pump.BACKEND, self.config.metrics_listen or "off")
         systemd.notify(f"READY=1\nSTATUS=serving {len(self.config.workflows)} workflows")
         rotation = asyncio.create_task(self._rotate(rt))
+        vault_health = asyncio.create_task(self._watch_vault(health_servicer)) if self._vault else None
         try:
             await self._stop.wait()
         finally:
@@ -143,6 +186,8 @@ class Daemon:
             for name in ("", *SERVICE_NAMES):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
             rotation.cancel()
+            if vault_health is not None:
+                vault_health.cancel()
             # Order matters: refuse new connections, let in-flight calls finish through the relay,
             # then drop the relayed connections.
             frontdoor.stop_accepting()
@@ -150,6 +195,8 @@ class Daemon:
             await asyncio.sleep(SHUTDOWN_DRAIN)
             await server.stop(SHUTDOWN_GRACE)
             await asyncio.get_running_loop().run_in_executor(None, frontdoor.close)
+            if self._vault is not None:
+                await self._vault.close()
             self.metrics.close()
             self.audit.close()
             if not adopted:  # an adopted socket file belongs to the service manager
@@ -160,11 +207,56 @@ class Daemon:
                 watchdog.cancel()
             log.info("stopped")
 
+    async def _start_vault(self, rt: Runtime) -> _Vault:
+        v = self.config.vault
+        assert v is not None
+        session = VaultSession(v, clock=self._clock)
+        await session.start()  # a failed login is retried in the background; we serve meanwhile
+        fleet = FleetJwks(session, v, max_token_ttl=_max_ttl(self.config), clock=self._clock,
+                          on_change=rt.keys_changed)
+        rt.keys = _FleetKeys(fleet)
+        try:
+            await fleet.publish(self.ring.verify_keys.values())
+            await fleet.refresh()
+        except VaultError as exc:
+            log.warning("vault: fleet JWKS not in sync yet (%s); retrying in the background", exc)
+        fleet.start()
+        await rt.keys_changed()
+        secrets = SecretManager(session, self.config.workflows, kv_refresh=v.kv_refresh,
+                                max_staleness=v.max_staleness, clock=self._clock)
+        secrets.start()
+        rt.secrets = secrets
+        log.info("vault: %s as instance %s (%s)", v.address, fleet.instance,
+                 "logged in" if session.logged_in else "not logged in yet")
+        return _Vault(session, fleet, secrets)
+
+    async def _watch_vault(self, health_servicer: health.aio.HealthServicer) -> None:
+        assert self._vault is not None
+        last: list[str] | None = None
+        while True:
+            degraded = self._vault.degraded()
+            if degraded != last:
+                # Minting never depends on Vault, so only the vault entry changes, not overall health.
+                status = health_pb2.HealthCheckResponse
+                await health_servicer.set(VAULT_HEALTH_SERVICE, status.NOT_SERVING if degraded else status.SERVING)
+                if degraded:
+                    log.warning("vault degraded: %s", "; ".join(degraded))
+                elif last is not None:
+                    log.info("vault recovered")
+                last = degraded
+            await asyncio.sleep(VAULT_HEALTH_EVERY)
+
     async def _rotate(self, rt: Runtime) -> None:
         while True:
             await asyncio.sleep(min(self.ring.next_due(self._clock()), 60.0) + 0.05)
             if self.ring.tick(self._clock()):
                 log.info("keys changed: current kid=%s jwks_version=%d", self.ring.current.kid, self.ring.version)
+                if self._vault is not None:
+                    try:
+                        # The ring's next key is in this set: siblings learn it a rotation before it signs.
+                        await self._vault.fleet.publish(self.ring.verify_keys.values())
+                    except VaultError as exc:
+                        log.warning("vault: could not publish keys (%s); retrying in the background", exc)
                 await rt.keys_changed()
 
     async def _watchdog(self) -> None:
@@ -202,6 +294,8 @@ class Daemon:
                          if getattr(new.broker, k) != getattr(old.broker, k)]
             if new.vault != old.vault or new.metrics_listen != old.metrics_listen:
                 problems.append("[vault] and [metrics] changes need a restart")
+            if _secret_specs(new) != _secret_specs(old):
+                problems.append("adding or changing a tool's secret needs a restart")
             if _max_ttl(new) > _max_ttl(old):
                 problems.append("raising a ttl above the longest one in force needs a restart (key retirement)")
         with contextlib.suppress(BrokerError):
@@ -218,6 +312,10 @@ class Daemon:
         removed += [wf for wf in old.workflows if wf not in new.workflows]
         # One assignment: every request sees either the old or the new config, never a mix.
         self.config = rt.config = new
+        if self._vault is not None:
+            for wf in old.workflows:
+                if wf not in new.workflows:
+                    await self._vault.secrets.revoke_workflow(wf)  # its leases end with it
         self.audit.record("reload", **who, decision="allow", old_sha256=old.sha256, new_sha256=new.sha256,
                           removed_scopes=removed,
                           reason="tokens of removed scopes no longer verify" if removed else "no scope removed")
@@ -243,8 +341,14 @@ class Daemon:
             "mints": int(mints), "denials": int(denials),
             "connections": fd.connections if fd else 0,
             "revoked_tokens": len(self._rt.revoked) if self._rt else 0,
-            "degraded": [],
+            "degraded": self._vault.degraded() if self._vault else [],
         }
+
+
+def _secret_specs(config: Config) -> dict[tuple[str, str], object]:
+    # Only additions and changes need a restart; a removed workflow's secrets are revoked on reload.
+    return {(wf.name, t.name): t.secret for wf in config.workflows.values() for t in wf.tools.values()
+            if t.secret is not None}
 
 
 def _raise_fd_limit(max_connections: int) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final, NoReturn, Protocol
 
 import grpc
@@ -28,7 +29,9 @@ from broker.metrics import UNKNOWN, Metrics, denial_category
 from broker.policy import Grant, authorize_mint, caller_matches, svid_workflows
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc as pb_grpc
+from broker.vault import NoSecretConfigured, SecretUnavailable, SecretValue
 
+log = logging.getLogger(__name__)
 MAX_NAME: Final = 256
 MAX_REVOKE_BATCH: Final = 256
 # Revocations are remembered until the token expires; this bounds the memory a caller can pin.
@@ -44,6 +47,26 @@ class Peers(Protocol):
 
 class Auditor(Protocol):
     def record(self, event: str, **fields: Any) -> None: ...
+
+
+class KeyView(Protocol):
+    """The keys that verify tokens and the JWKS we publish: the local ring, or the Vault-backed fleet."""
+
+    @property
+    def verify_keys(self) -> Mapping[str, tokens.VerifyKey]: ...
+
+    @property
+    def jwks_json(self) -> str: ...
+
+
+class Secrets(Protocol):
+    """Upstream secrets per (workflow, tool); ``broker.vault.SecretManager`` in production."""
+
+    async def get(self, workflow: str, tool: str) -> SecretValue: ...
+
+    async def refresh(self, workflow: str, tool: str) -> SecretValue: ...
+
+    def watch(self, workflow: str, tool: str) -> AsyncIterator[SecretValue]: ...
 
 
 class Admin(Protocol):
@@ -62,6 +85,8 @@ class Runtime:
         self.config = config
         self.metrics = metrics or Metrics()
         self.ring = ring
+        self.keys: KeyView = ring
+        self.secrets: Secrets | None = None
         self.audit = audit
         self.peers = peers
         self.clock = clock
@@ -72,8 +97,8 @@ class Runtime:
         self.closing = False
 
     async def keys_changed(self) -> None:
-        """The ring has new keys: verify with them and wake every stream."""
-        self.verifier.set_keys(self.ring.verify_keys)
+        """The key set changed (rotation, or a sibling broker's keys): verify with it, wake every stream."""
+        self.verifier.set_keys(self.keys.verify_keys)
         now = int(self.clock())
         self.revoked = {j: e for j, e in self.revoked.items() if e + tokens.MAX_LEEWAY > now}
         await self._publish()
@@ -99,7 +124,7 @@ class Runtime:
         while not self.closing:
             if self._version != seen:
                 seen = self._version
-                yield self.ring.jwks_json, dict(self.revoked)
+                yield self.keys.jwks_json, dict(self.revoked)
                 continue
             async with self._changed:
                 await self._changed.wait_for(self._changed_since(seen))
@@ -225,7 +250,7 @@ class BrokerService(pb_grpc.BrokerServicer):
 
     async def GetJWKS(self, request: pb.GetJWKSRequest,
                       context: grpc.aio.ServicerContext[Any, Any]) -> pb.JWKS:
-        return pb.JWKS(jwks_json=self._rt.ring.jwks_json)
+        return pb.JWKS(jwks_json=self._rt.keys.jwks_json)
 
     async def WatchJWKS(self, request: pb.GetJWKSRequest,
                         context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.JWKS]:
@@ -249,7 +274,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         for token in request.tokens:
             try:
                 # Possession of a validly signed token is the first half of the right to revoke it ...
-                _, payload = tokens.verify_signature(token.encode("ascii", "replace"), rt.ring.verify_keys)
+                _, payload = tokens.verify_signature(token.encode("ascii", "replace"), rt.keys.verify_keys)
                 claims = json.loads(payload)
                 jti, exp, wf = str(claims["jti"]), int(claims["exp"]), rt.config.workflows.get(str(claims["wf"]))
             except (InvalidToken, ValueError, KeyError, TypeError):
@@ -265,6 +290,57 @@ class BrokerService(pb_grpc.BrokerServicer):
                             **caller.audit_fields(), decision="allow", reason="holder revoked")
             count += 1
         return pb.RevokeTokensResponse(revoked=count)
+
+    async def _secret_grant(self, request: pb.GetSecretRequest,
+                            context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Secrets, Caller]:
+        rt = self._rt
+        if not (_name_ok(request.workflow) and _name_ok(request.tool)):
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "workflow and tool are required")
+        caller: Caller | None = None
+        try:
+            caller = rt.caller(context)
+            authorize_mint(rt.config, caller, request.workflow, request.tool, 0)
+        except (AttestationError, PermissionDenied) as exc:
+            rt.audit.record("deny", rpc="GetSecret", workflow=request.workflow, tool=request.tool,
+                            **(caller.audit_fields() if caller else {}), decision="deny", reason=exc.reason)
+            rt.count_denial(request.workflow, request.tool, exc.reason)
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+        if rt.secrets is None:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "this broker has no [vault] configured")
+        return rt.secrets, caller
+
+    def _secret_reply(self, request: pb.GetSecretRequest, caller: Caller, value: SecretValue) -> pb.Secret:
+        # Metadata only: the audit line names the credential, never its fields' values.
+        self._rt.audit.record("secret", workflow=request.workflow, tool=request.tool, kind=value.kind,
+                              version=value.version, lease_id=value.lease_id, **caller.audit_fields(),
+                              decision="allow", reason="policy")
+        return pb.Secret(workflow=request.workflow, tool=request.tool, kind=value.kind, data=dict(value.data),
+                         version=value.version, lease_id=value.lease_id or "", expires_at=value.expires_at or 0.0,
+                         renewable=value.renewable)
+
+    async def GetSecret(self, request: pb.GetSecretRequest,
+                        context: grpc.aio.ServicerContext[Any, Any]) -> pb.Secret:
+        secrets, caller = await self._secret_grant(request, context)
+        try:
+            fetch = secrets.refresh if request.refresh else secrets.get
+            value = await fetch(request.workflow, request.tool)
+        except NoSecretConfigured:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"tool {request.tool!r} has no secret")
+        except SecretUnavailable as exc:
+            log.warning("secret unavailable workflow=%s tool=%s: %s", request.workflow, request.tool, exc.reason)
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+        return self._secret_reply(request, caller, value)
+
+    async def WatchSecret(self, request: pb.GetSecretRequest,
+                          context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.Secret]:
+        secrets, caller = await self._secret_grant(request, context)
+        try:
+            async for value in secrets.watch(request.workflow, request.tool):
+                yield self._secret_reply(request, caller, value)
+        except NoSecretConfigured:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"tool {request.tool!r} has no secret")
+        except SecretUnavailable as exc:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def DescribeWorkflow(self, request: pb.DescribeWorkflowRequest,
                                context: grpc.aio.ServicerContext[Any, Any]) -> pb.DescribeWorkflowResponse:

@@ -5,9 +5,10 @@ set -euo pipefail
 BROKER_EXTRAS="[test]"
 source "$(dirname "$0")/_venv.sh"
 
-# Debian packages some tests need: systemd-analyze (unit checks).
+# Debian packages some tests need: systemd-analyze (unit checks), PostgreSQL (Vault database engine).
 missing=()
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         apt-get update -qq

@@ -33,8 +33,8 @@ def start_daemon(d: str, tools: list[dict[str, object]]) -> tuple[str, str]:
 @pytest.fixture
 def exec_daemon(short_tmp: str) -> Iterator[DaemonProcess]:
     cfg, sock = start_daemon(short_tmp, [
-        {"name": "crm", "file": "crm.token", "ttl": "4s"},
-        {"name": "mail", "env": "MAIL_TOKEN", "ttl": "4s"},
+        {"name": "crm", "file": "crm.token", "ttl": "8s"},
+        {"name": "mail", "env": "MAIL_TOKEN", "ttl": "8s"},
         {"name": "plain", "ttl": "1m"},
     ])
     with running_daemon(cfg, sock, os.path.join(short_tmp, "audit.jsonl")) as d:

@@ -105,6 +105,27 @@ class AsyncClient:
         r = await self._call(self._stub.DescribeWorkflow, pb.DescribeWorkflowRequest(workflow=workflow))
         return list(r.tools)
 
+    async def secret(self, tool: str, *, workflow: str | None = None, refresh: bool = False) -> pb.Secret:
+        """The tool's upstream credential (from Vault)."""
+        wf = workflow or self._workflow
+        if not wf:
+            raise BrokerError("no workflow: pass workflow= to AsyncClient() or secret()")
+        secret: pb.Secret = await self._call(self._stub.GetSecret, pb.GetSecretRequest(
+            workflow=wf, tool=tool, refresh=refresh))
+        return secret
+
+    async def watch_secret(self, tool: str, *, workflow: str | None = None) -> AsyncIterator[pb.Secret]:
+        """The credential now, then the full new one at every rotation."""
+        wf = workflow or self._workflow
+        if not wf:
+            raise BrokerError("no workflow: pass workflow= to AsyncClient() or watch_secret()")
+        try:
+            async for msg in self._stub.WatchSecret(pb.GetSecretRequest(workflow=wf, tool=tool)):
+                yield msg
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise translate(exc, self._path) from None
+
     async def watch(self) -> AsyncIterator[tuple[str, dict[str, int]]]:
         """Yield (JWKS JSON, revoked jti -> exp) now and on every change, until the stream ends."""
         try:

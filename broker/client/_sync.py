@@ -126,6 +126,26 @@ class Client:
         r = self._call(self._stub.DescribeWorkflow, pb.DescribeWorkflowRequest(workflow=workflow))
         return list(r.tools)
 
+    def secret(self, tool: str, *, workflow: str | None = None, refresh: bool = False) -> pb.Secret:
+        """The tool's upstream credential (from Vault): ``.data`` holds its fields, ``.expires_at`` its end."""
+        wf = workflow or self._workflow
+        if not wf:
+            raise BrokerError("no workflow: pass workflow= to Client() or secret()")
+        secret: pb.Secret = self._call(self._stub.GetSecret, pb.GetSecretRequest(workflow=wf, tool=tool,
+                                                                                  refresh=refresh))
+        return secret
+
+    def watch_secret(self, tool: str, *, workflow: str | None = None) -> Iterator[pb.Secret]:
+        """The credential now, then the full new one at every rotation."""
+        wf = workflow or self._workflow
+        if not wf:
+            raise BrokerError("no workflow: pass workflow= to Client() or watch_secret()")
+        try:
+            yield from self._stub.WatchSecret(pb.GetSecretRequest(workflow=wf, tool=tool))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise translate(exc, self._path) from None
+
     def reload(self) -> tuple[bool, list[str], str]:
         """Admin only: make the daemon re-read its config. (applied, problems, config sha256)."""
         r = self._call(self._stub.Reload, pb.ReloadRequest(), retries=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ import uvloop
 from broker.client import AsyncClient, Minted
 from broker.errors import BrokerError, PermissionDenied, Unavailable
 from broker.sidecar.credfiles import CredentialDir
+from broker.v1 import broker_pb2 as pb
 
 log = logging.getLogger("broker.exec")
 
@@ -53,6 +55,9 @@ class _Credential:
     tool: str
     env: str
     file: str
+    has_secret: bool = False
+    secret_key: tuple[int, str] = (0, "")  # (version, lease id) of the secret on disk
+    secret_expires: float = 0.0
     minted: Minted | None = None
     refresh_at: float = 0.0
     backoff: float = 0.5
@@ -69,7 +74,7 @@ class Sidecar:
         self._wake = asyncio.Event()
         self._restart = asyncio.Event()
         self._exiting = False
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: Child | None = None
 
     async def run(self) -> int:
         try:
@@ -82,6 +87,7 @@ class Sidecar:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, self._forward, sig)
         tasks = [asyncio.create_task(self._refresh_loop()), asyncio.create_task(self._watch_revocations())]
+        tasks += [asyncio.create_task(self._follow_secret(c)) for c in self._creds if c.has_secret]
         try:
             return await self._supervise()
         finally:
@@ -100,9 +106,15 @@ class Sidecar:
         self._dir = CredentialDir()
         for t in chosen:
             # A tool with no delivery configured still gets a file: something the agent can read.
-            self._creds.append(_Credential(t.tool, t.env, t.file or ("" if t.env else f"{t.tool}.token")))
+            self._creds.append(_Credential(t.tool, t.env, t.file or ("" if t.env else f"{t.tool}.token"),
+                                           t.has_secret))
         for cred in self._creds:
             self._store(cred, await self._retry_until_ready(functools.partial(self._mint, cred)))
+            if cred.has_secret:
+                # The upstream credential (from Vault) goes next to the token, as JSON.
+                secret = await self._retry_until_ready(
+                    functools.partial(self._client.secret, cred.tool, workflow=self._o.workflow))
+                self._store_secret(cred, secret)
         self._dir.bump()
 
     async def _retry_until_ready(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -131,6 +143,36 @@ class Sidecar:
         if cred.file:
             self._dir.write(cred.file, minted.token.encode() + b"\n")
 
+    def _store_secret(self, cred: _Credential, secret: pb.Secret) -> bool:
+        assert self._dir is not None
+        key = (secret.version, secret.lease_id)
+        if key == cred.secret_key:
+            return False
+        doc = {"kind": secret.kind, "version": secret.version, "expires_at": secret.expires_at or None,
+               "data": dict(secret.data)}
+        self._dir.write(f"{cred.tool}.secret.json", json.dumps(doc).encode())
+        cred.secret_key, cred.secret_expires = key, secret.expires_at
+        return True
+
+    async def _follow_secret(self, cred: _Credential) -> None:
+        """Swap the secret file at every rotation the daemon pushes; drop it once it has expired."""
+        backoff = 0.2
+        while True:
+            try:
+                async for secret in self._client.watch_secret(cred.tool, workflow=self._o.workflow):
+                    backoff = 0.2
+                    if self._store_secret(cred, secret):
+                        self._publish(files=True, env=False)
+            except BrokerError as exc:
+                log.warning("broker exec: secret stream for %s interrupted (%s)", cred.tool, exc)
+            if cred.secret_expires and self._clock() >= cred.secret_expires and self._dir is not None:
+                log.error("broker exec: secret for %s expired and could not be renewed; removed it", cred.tool)
+                self._dir.remove(f"{cred.tool}.secret.json")
+                cred.secret_key, cred.secret_expires = (0, ""), 0.0
+                self._dir.bump()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
     def _child_env(self) -> dict[str, str]:
         assert self._dir is not None
         env = dict(os.environ)
@@ -142,10 +184,7 @@ class Sidecar:
 
     async def _supervise(self) -> int:
         while True:
-            # The wrapper sets PR_SET_PDEATHSIG, then execs the command: if we die, the agent dies too.
-            self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "broker.sidecar._pdeathsig", str(os.getpid()), *self._o.command,
-                env=self._child_env())
+            self._proc = Child.spawn(self._o.command, self._child_env())
             self._restart.clear()
             waiter = asyncio.create_task(self._proc.wait())
             restart = asyncio.create_task(self._restart.wait())
@@ -259,6 +298,45 @@ class Sidecar:
         if self._dir is not None:
             self._dir.cleanup()
         await self._client.close()
+
+
+class Child:
+    """The agent process: spawned without fork(2), watched through a pidfd.
+
+    posix_spawn (clone with CLONE_VFORK underneath) runs no fork handlers: forking a process whose gRPC
+    threads are busy can deadlock or crash it, and this process always has gRPC threads.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._pidfd = os.pidfd_open(pid)
+        self._done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().add_reader(self._pidfd, self._reap)
+
+    @classmethod
+    def spawn(cls, command: list[str], env: dict[str, str]) -> Child:
+        # The wrapper sets PR_SET_PDEATHSIG, then execs the command: if we die, the agent dies too.
+        argv = [sys.executable, "-m", "broker.sidecar._pdeathsig", str(os.getpid()), *command]
+        return cls(os.posix_spawn(sys.executable, argv, env))
+
+    def _reap(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        _, status = os.waitpid(self.pid, 0)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        self._done.set_result(self.returncode)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            signal.pidfd_send_signal(self._pidfd, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._done)
 
 
 def run(opts: ExecOptions) -> int:

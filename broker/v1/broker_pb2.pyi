@@ -129,3 +129,40 @@ class StatusResponse(_message.Message):
     STATUS_JSON_FIELD_NUMBER: _ClassVar[int]
     status_json: str
     def __init__(self, status_json: _Optional[str] = ...) -> None: ...
+
+class GetSecretRequest(_message.Message):
+    __slots__ = ("workflow", "tool", "refresh")
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_FIELD_NUMBER: _ClassVar[int]
+    workflow: str
+    tool: str
+    refresh: bool
+    def __init__(self, workflow: _Optional[str] = ..., tool: _Optional[str] = ..., refresh: _Optional[bool] = ...) -> None: ...
+
+class Secret(_message.Message):
+    __slots__ = ("workflow", "tool", "kind", "data", "version", "lease_id", "expires_at", "renewable")
+    class DataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    RENEWABLE_FIELD_NUMBER: _ClassVar[int]
+    workflow: str
+    tool: str
+    kind: str
+    data: _containers.ScalarMap[str, str]
+    version: int
+    lease_id: str
+    expires_at: float
+    renewable: bool
+    def __init__(self, workflow: _Optional[str] = ..., tool: _Optional[str] = ..., kind: _Optional[str] = ..., data: _Optional[_Mapping[str, str]] = ..., version: _Optional[int] = ..., lease_id: _Optional[str] = ..., expires_at: _Optional[float] = ..., renewable: _Optional[bool] = ...) -> None: ...

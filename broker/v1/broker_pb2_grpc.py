@@ -64,6 +64,16 @@ class BrokerStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.DescribeWorkflowRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.DescribeWorkflowResponse.FromString,
                 _registered_method=True)
+        self.GetSecret = channel.unary_unary(
+                '/broker.v1.Broker/GetSecret',
+                request_serializer=broker_dot_v1_dot_broker__pb2.GetSecretRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.Secret.FromString,
+                _registered_method=True)
+        self.WatchSecret = channel.unary_stream(
+                '/broker.v1.Broker/WatchSecret',
+                request_serializer=broker_dot_v1_dot_broker__pb2.GetSecretRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.Secret.FromString,
+                _registered_method=True)
         self.Reload = channel.unary_unary(
                 '/broker.v1.Broker/Reload',
                 request_serializer=broker_dot_v1_dot_broker__pb2.ReloadRequest.SerializeToString,
@@ -123,6 +133,21 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSecret(self, request, context):
+        """The upstream credential of a tool (from Vault), for a caller that may use that tool.
+        UNAVAILABLE when Vault cannot serve it and nothing servable is cached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchSecret(self, request, context):
+        """The credential now, then the full new one at every rotation (like the SPIFFE streams).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Reload(self, request, context):
         """Admin only (root or the daemon's own uid): re-read the config file, validate fully, swap atomically.
         """
@@ -169,6 +194,16 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.DescribeWorkflow,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.DescribeWorkflowRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.DescribeWorkflowResponse.SerializeToString,
+            ),
+            'GetSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSecret,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.GetSecretRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.Secret.SerializeToString,
+            ),
+            'WatchSecret': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSecret,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.GetSecretRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.Secret.SerializeToString,
             ),
             'Reload': grpc.unary_unary_rpc_method_handler(
                     servicer.Reload,
@@ -343,6 +378,60 @@ class Broker:
             '/broker.v1.Broker/DescribeWorkflow',
             broker_dot_v1_dot_broker__pb2.DescribeWorkflowRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.DescribeWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Broker/GetSecret',
+            broker_dot_v1_dot_broker__pb2.GetSecretRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.Secret.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/broker.v1.Broker/WatchSecret',
+            broker_dot_v1_dot_broker__pb2.GetSecretRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.Secret.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,93 @@
+"""HTTP to Vault through hvac, on one private thread, with Vault's answers reduced to dicts or errors.
+
+hvac (and the ``requests`` session under it) blocks, so no coroutine ever calls it directly: every
+request runs on this transport's single worker thread and the event loop awaits the result. One thread
+also serialises the requests, so the ``requests`` session is never shared between threads.
+
+The hvac adapter is created without a token (``token=""`` also stops hvac from reading ``VAULT_TOKEN``
+or ``~/.vault-token``): each request carries the token its caller passes, so the broker's token lives in
+exactly one place, :class:`broker.vault.VaultSession`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Final
+
+import hvac
+import requests
+import urllib3
+
+from broker.vault._errors import VaultRequestError, VaultUnavailable
+
+DEFAULT_TIMEOUT: Final = 10.0
+# Vault's answers to our requests are a few KiB (a certificate chain at most); refuse anything huge.
+MAX_ANSWER_BYTES: Final = 1 << 20
+# Vault's error strings are short; a longer one is probably not Vault, and is cut before it is logged.
+MAX_ERROR_CHARS: Final = 200
+
+
+class VaultTransport:
+    """Sends requests to one Vault address. Every method except :meth:`close` is a coroutine."""
+
+    def __init__(self, address: str, *, ca_file: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.address = address.rstrip("/")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vault-http")
+        self._client = hvac.Client(url=self.address, token="", verify=ca_file or True, timeout=timeout,
+                                   adapter=hvac.adapters.RawAdapter)
+
+    async def send(self, method: str, path: str, data: Mapping[str, Any] | None = None, *,
+                   token: str | None = None) -> dict[str, Any]:
+        """One request to ``/v1/<path>``; the JSON answer, ``{}`` for 204. Raises a VaultError."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._send, method, path, data, token)
+
+    def close(self) -> None:
+        # Requests already queued still run (a lease revocation must not be dropped); then the thread ends.
+        self._executor.shutdown(wait=True)
+        self._client.adapter.close()
+
+    def _send(self, method: str, path: str, data: Mapping[str, Any] | None, token: str | None) -> dict[str, Any]:
+        headers = {"X-Vault-Token": token} if token else {}
+        try:
+            response = self._client.adapter.request(method, f"/v1/{path}", headers=headers,
+                                                    json=dict(data) if data is not None else None,
+                                                    raise_exception=False, stream=True)
+            with response:
+                # Read at most one byte past the cap: a peer that streams forever cannot exhaust memory.
+                raw = response.raw.read(MAX_ANSWER_BYTES + 1, decode_content=True)
+        except requests.RequestException as exc:
+            raise VaultUnavailable(f"cannot reach Vault at {self.address}: {type(exc).__name__}") from None
+        except (OSError, ValueError, urllib3.exceptions.HTTPError) as exc:  # the body broke off mid-read
+            raise VaultUnavailable(f"broken answer from Vault at {self.address}: {type(exc).__name__}") from None
+        return self._decode(method, path, response.status_code, raw)
+
+    def _decode(self, method: str, path: str, status: int, raw: bytes) -> dict[str, Any]:
+        if status == 204:
+            return {}
+        body = _json_object(raw)
+        if 200 <= status < 300:
+            if body is None:
+                raise VaultUnavailable(f"{self.address} answered {method} {path} with something that is not "
+                                       "a Vault API response")
+            return body
+        errors = body.get("errors") if body is not None else None
+        detail = "; ".join(str(e) for e in errors)[:MAX_ERROR_CHARS] if isinstance(errors, list) else ""
+        what = f"Vault answered {status} to {method} {path}" + (f": {detail}" if detail else "")
+        if 400 <= status < 500 and status != 429 and body is not None:
+            raise VaultRequestError(status, what)
+        # 5xx (sealed, standby, overloaded), 429, and 4xx without a Vault error body: not Vault's final word.
+        raise VaultUnavailable(what)
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    if len(raw) > MAX_ANSWER_BYTES:
+        return None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None

@@ -1,0 +1,148 @@
+"""The daemon with [vault], end to end against a real OpenBao: fleet-wide JWKS across two broker
+processes, upstream secrets over the socket (get, watch, sidecar file), leases revoked at shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import hvac
+import pytest
+
+from broker.client import Client
+from broker.errors import PermissionDenied
+from broker.testing import OpenBao, WorkflowSpec, config_text, running_daemon
+from tests.vault.conftest import Role, make_role
+
+ME = {"uid": os.geteuid()}
+CHILD = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_agent_child.py")
+
+
+def vault_section(bao: OpenBao, role_id_file: str, secret_id_file: str, instance: str, jwks_path: str) -> str:
+    return (f'\n[vault]\naddress = "{bao.address}"\ninstance = "{instance}"\nkv_refresh = "1s"\n'
+            f'jwks_path = "{jwks_path}"\n'
+            f'[vault.auth]\nmethod = "approle"\nrole_id_file = "{role_id_file}"\n'
+            f'secret_id_file = "{secret_id_file}"\n')
+
+
+def start(d: str, bao: OpenBao, role: Role, instance: str, tools: list[dict[str, object]],
+          jwks_path: str = "") -> tuple[str, str, str]:
+    # Each test gets its own JWKS prefix: the OpenBao server is shared by the whole session.
+    jwks_path = jwks_path or f"broker/jwks-{secrets.token_hex(4)}"
+    os.makedirs(d, exist_ok=True)
+    cfg = os.path.join(d, "broker.toml")
+    with open(cfg, "w") as f:
+        f.write(config_text(d, [WorkflowSpec("w", callers=[ME], tools=tools)])
+                + vault_section(bao, role.role_id_file, role.secret_id_file, instance, jwks_path))
+    return cfg, os.path.join(d, "broker.sock"), os.path.join(d, "audit.jsonl")
+
+
+@pytest.fixture
+def kv_value(admin: hvac.Client) -> Iterator[tuple[str, str]]:
+    path = f"crm/{secrets.token_hex(4)}"
+    value = secrets.token_urlsafe(24)
+    admin.secrets.kv.v2.create_or_update_secret(path=path, secret={"api_key": value})
+    yield f"secret/{path}", value
+
+
+def test_fleet_jwks_across_two_daemons(short_tmp: str, bao: OpenBao, admin: hvac.Client, creds_dir: str,
+                                       broker_policy: str) -> None:
+    tools = [{"name": "t"}]
+    prefix = f"broker/jwks-{secrets.token_hex(4)}"
+    a = start(os.path.join(short_tmp, "a"), bao, make_role(admin, creds_dir, policies=[broker_policy]), "host-a",
+              tools, prefix)
+    b = start(os.path.join(short_tmp, "b"), bao, make_role(admin, creds_dir, policies=[broker_policy]), "host-b",
+              tools, prefix)
+    with running_daemon(*a) as da, running_daemon(*b) as db, Client(da.socket) as ca, Client(db.socket) as cb:
+        token = ca.mint("w", "t").token
+        # Minted on host a, verified by host b: b read a's published keys from Vault.
+        assert cb.verify(token, "t")["wf"] == "w"
+        kids_b = {k["kid"] for k in json.loads(cb.jwks())["keys"]}
+        kids_a = {k["kid"] for k in json.loads(ca.jwks())["keys"]}
+        assert len(kids_b) == 4 and kids_a <= kids_b  # b serves its own two keys and a's two
+        listing = admin.secrets.kv.v2.list_secrets(path=prefix)["data"]["keys"]
+        assert {"host-a", "host-b"} <= set(listing)
+        status = json.loads(subprocess.run([sys.executable, "-m", "broker", "status", "--json", "--socket",
+                                            db.socket], capture_output=True, text=True, check=True).stdout)
+        assert status["degraded"] == []
+
+
+def test_secrets_get_watch_and_sidecar(short_tmp: str, bao: OpenBao, admin: hvac.Client, creds_dir: str,
+                                       broker_policy: str, kv_value: tuple[str, str]) -> None:
+    path, value = kv_value
+    tools = [{"name": "crm", "secret": {"kind": "kv", "path": path, "field": "api_key"}}, {"name": "plain"}]
+    cfg = start(short_tmp, bao, make_role(admin, creds_dir, policies=[broker_policy]), "solo", tools)
+    with running_daemon(*cfg) as d, Client(d.socket, workflow="w") as c:
+        s = c.secret("crm")
+        assert s.kind == "kv" and s.data["api_key"] == value and s.version == 1
+        with pytest.raises(PermissionDenied):
+            c.secret("export_all_customers")
+        audit = open(d.audit_log).read()
+        assert value not in audit and '"event":"secret"' in audit
+        sidecar = subprocess.Popen([sys.executable, "-m", "broker", "exec", "--socket", d.socket, "--workflow", "w",
+                                    "--tool", "crm", "--signal", "HUP", "--", sys.executable, CHILD, "", "-", "60",
+                                    "0"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert sidecar.stdout is not None
+            start_event = json.loads(sidecar.stdout.readline())
+            secret_file = os.path.join(start_event["dir"], "crm.secret.json")
+            with open(secret_file) as f:
+                assert json.load(f)["data"]["api_key"] == value
+            stream = c.watch_secret("crm")
+            assert next(stream).version == 1
+            new_value = secrets.token_urlsafe(24)
+            admin.secrets.kv.v2.create_or_update_secret(path=path.removeprefix("secret/"),
+                                                        secret={"api_key": new_value})
+            rotated = next(stream)  # pushed by the daemon's KV poll (kv_refresh = 1s)
+            assert rotated.version == 2 and rotated.data["api_key"] == new_value
+            hup = json.loads(sidecar.stdout.readline())  # the sidecar swapped the file, then signalled
+            assert hup["event"] == "hup" and hup["generation"] >= 2
+            with open(secret_file) as f:
+                assert json.load(f)["data"]["api_key"] == new_value
+        finally:
+            sidecar.send_signal(signal.SIGTERM)
+            sidecar.wait(30)
+
+
+def test_leases_are_revoked_at_shutdown(short_tmp: str, bao: OpenBao, admin: hvac.Client, creds_dir: str,
+                                        broker_policy: str) -> None:
+    tools = [{"name": "child", "secret": {"kind": "token", "policies": ["crm-read"], "ttl": "10m"}}]
+    # A child token may only carry policies its parent holds.
+    cfg = start(short_tmp, bao, make_role(admin, creds_dir, policies=[broker_policy, "crm-read"]), "lease", tools)
+    with running_daemon(*cfg) as d:
+        with Client(d.socket, workflow="w") as c:
+            s = c.secret("child")
+        child_token = s.data["token"]
+        looked = hvac.Client(url=bao.address, token=bao.token).auth.token.lookup(child_token)["data"]
+        assert "crm-read" in looked["policies"] and 0 < looked["ttl"] <= 600
+        assert d.stop() == 0
+    with pytest.raises(hvac.exceptions.Forbidden):
+        hvac.Client(url=bao.address, token=bao.token).auth.token.lookup(child_token)
+
+
+def test_minting_survives_vault_going_away(short_tmp: str, bao: OpenBao, admin: hvac.Client, creds_dir: str,
+                                           broker_policy: str) -> None:
+    tools = [{"name": "t"}]
+    d_dir = os.path.join(short_tmp, "d")
+    cfg = start(d_dir, bao, make_role(admin, creds_dir, policies=[broker_policy]), "outage", tools)
+    # Point the daemon at a Vault address where nothing listens: it must start and mint regardless.
+    with open(cfg[0]) as f:
+        text = f.read()
+    with open(cfg[0], "w") as f:
+        f.write(text.replace(bao.address, "http://127.0.0.1:1"))
+    with running_daemon(*cfg) as d, Client(d.socket) as c:
+        deadline = time.monotonic() + 3
+        n = 0
+        while time.monotonic() < deadline:
+            assert c.mint("w", "t").token
+            n += 1
+        assert n > 10
+        st = json.loads(subprocess.run([sys.executable, "-m", "broker", "status", "--json", "--socket", d.socket],
+                                       capture_output=True, text=True, check=True).stdout)
+        assert st["degraded"], st
