@@ -106,12 +106,22 @@ def main() -> int:
     ap.add_argument("--body", default="{}")
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--duration", type=float, default=3.0)
+    ap.add_argument("--as-uid", type=int, help="drop to this uid (and --as-gid) before connecting")
+    ap.add_argument("--as-gid", type=int)
     args = ap.parse_args()
     if args.grpc:
         factory = grpc_factory(args.grpc, args.rpc)
     else:
         # The OpenBao token is passed in the environment, never on the command line.
         factory = http_factory(args.http, os.environ["BENCH_BAO_TOKEN"], args.body)
+    if args.as_uid is not None:
+        # Like an agent running as its own user. Everything is imported above: the interpreter may live
+        # where that user cannot read. The kernel records these credentials when we connect.
+        import grpc.aio._channel  # noqa: F401
+
+        os.setgroups([])
+        os.setgid(args.as_gid if args.as_gid is not None else args.as_uid)
+        os.setuid(args.as_uid)
     result = uvloop.run(run(factory, args.concurrency, args.duration))
     print(json.dumps(result))
     return 0

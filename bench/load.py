@@ -6,7 +6,8 @@ process, every client on its own connection):
 * ``empty/direct``     an empty gRPC call (health Check) straight to the daemon's internal gRPC socket;
 * ``empty/frontdoor``  the same call through the public socket (front door + pump);
 * ``mint/frontdoor``   MintToken through the public socket (attestation, policy, ES256, audit);
-* ``openbao/token``    OpenBao ``auth/token/create`` (a child token) on a real dev server, over HTTP.
+* ``openbao/token``    OpenBao ``auth/token/create`` (a child token) on a real dev server, over HTTP;
+* ``openbao/transit``  OpenBao ``transit/sign`` with an ECDSA P-256 key (the same primitive as ES256).
 
 and prints requests/s and p50/p99 latency, plus the ratios the design targets are stated in:
 mint vs the empty call of the same server (>= 0.8x), broker vs OpenBao (>= 5x), front door cost (<= 15%).
@@ -17,19 +18,28 @@ mint vs the empty call of the same server (>= 0.8x), broker vs OpenBao (>= 5x), 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
+import pwd
 import subprocess
 import sys
 import tempfile
+
+import hvac
 
 from broker import _pump, tokens
 from broker.testing import WorkflowSpec, config_text, openbao_dev_server, running_daemon
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Agents normally run as their own user. As root, the clients of the public socket drop to "nobody",
+# so the daemon attests a non-root caller (root callers take a slower, more careful /proc path).
+AGENT_UID = (pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid) if os.geteuid() == 0 else None
 
 
 def loadgen(args: list[str], concurrency: int, duration: float, env: dict[str, str] | None = None) -> dict[str, float]:
+    if args[0] == "--grpc" and AGENT_UID is not None and "internal" not in args[1]:
+        args = [*args, "--as-uid", str(AGENT_UID[0]), "--as-gid", str(AGENT_UID[1])]
     r = subprocess.run([sys.executable, os.path.join(HERE, "_loadgen.py"), *args, "--concurrency",
                         str(concurrency), "--duration", str(duration)], capture_output=True, text=True,
                        env={**os.environ, **(env or {})}, check=False, timeout=duration + 120)
@@ -49,13 +59,19 @@ def main() -> int:
     levels = [int(x) for x in args.concurrency.split(",")]
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="brk-bench-") as d:
+        os.chmod(d, 0o755)  # the agents' user must reach the public socket
         cfg = os.path.join(d, "broker.toml")
         with open(cfg, "w") as f:
-            f.write(config_text(d, [WorkflowSpec("bench", callers=[{"uid": os.geteuid()}],
+            uid = AGENT_UID[0] if AGENT_UID else os.geteuid()
+            f.write(config_text(d, [WorkflowSpec("bench", callers=[{"uid": uid}],
                                                  tools=[{"name": "read_ticket", "ttl": "5m"}])]))
         sock = os.path.join(d, "broker.sock")
         with running_daemon(cfg, sock, os.path.join(d, "audit.jsonl")) as daemon, \
                 (openbao_dev_server(d) if not args.no_openbao else _nothing()) as bao:
+            if bao is not None:
+                admin = hvac.Client(url=bao.address, token=bao.token)
+                admin.sys.enable_secrets_engine("transit")
+                admin.secrets.transit.create_key("bench", key_type="ecdsa-p256")
             internal_dir = next(n for n in os.listdir(d) if n.startswith(".broker-internal-"))
             internal = os.path.join(d, internal_dir, "grpc.sock")
             for c in levels:
@@ -65,10 +81,14 @@ def main() -> int:
                     "mint/frontdoor": loadgen(["--grpc", f"unix:{sock}", "--rpc", "mint"], c, args.duration),
                 }
                 if bao is not None:
+                    env = {"BENCH_BAO_TOKEN": bao.token}
                     cells["openbao/token"] = loadgen(
                         ["--http", f"{bao.address}/v1/auth/token/create",
-                         "--body", json.dumps({"ttl": "5m", "policies": ["default"], "no_parent": False})],
-                        c, args.duration, env={"BENCH_BAO_TOKEN": bao.token})
+                         "--body", json.dumps({"ttl": "5m", "policies": ["default"]})], c, args.duration, env=env)
+                    cells["openbao/transit"] = loadgen(
+                        ["--http", f"{bao.address}/v1/transit/sign/bench",
+                         "--body", json.dumps({"input": base64.b64encode(b"x" * 200).decode()})],
+                        c, args.duration, env=env)
                 for name, cell in cells.items():
                     rows.append({"concurrency": c, "workload": name, **cell})
                     print(f"c={c:<3} {name:<16} {cell['rps']:8.0f}/s  p50 {cell['p50_us']:7.0f} us  "
@@ -77,7 +97,8 @@ def main() -> int:
     print()
     print(markdown(rows, levels))
     print(f"\ndaemon backends: token engine {tokens.BACKEND}, pump {_pump.BACKEND} "
-          f"({'ready' if 'ready' in log else 'no ready line'})")
+          f"({'ready' if 'ready' in log else 'no ready line'}); clients of the public socket run as uid "
+          f"{AGENT_UID[0] if AGENT_UID else os.geteuid()}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
@@ -101,15 +122,16 @@ def markdown(rows: list[dict[str, object]], levels: list[int]) -> str:
         out.append(f"| {r['concurrency']} | {r['workload']} | {r['rps']:.0f} | {r['p50_us']:.0f} | "
                    f"{r['p99_us']:.0f} | {r['errors']} |")
     out += ["", "| clients | mint / empty (same server, front door) | front door cost (empty) | "
-                "broker mint / OpenBao token |", "|---:|---:|---:|---:|"]
+                "broker mint / OpenBao token | broker mint / OpenBao transit sign |", "|---:|---:|---:|---:|---:|"]
     for c in levels:
-        mint, empty, direct, bao = (get(c, w) for w in ("mint/frontdoor", "empty/frontdoor", "empty/direct",
-                                                         "openbao/token"))
+        mint, empty, direct, bao, transit = (get(c, w) for w in (
+            "mint/frontdoor", "empty/frontdoor", "empty/direct", "openbao/token", "openbao/transit"))
         assert mint and empty and direct
         ratio = float(mint["rps"]) / float(empty["rps"])  # type: ignore[arg-type]
         cost = 1 - float(empty["rps"]) / float(direct["rps"])  # type: ignore[arg-type]
         vs_bao = f"{float(mint['rps']) / float(bao['rps']):.1f}x" if bao else "n/a"  # type: ignore[arg-type]
-        out.append(f"| {c} | {ratio:.2f}x | {cost * 100:+.1f}% | {vs_bao} |")
+        vs_transit = f"{float(mint['rps']) / float(transit['rps']):.1f}x" if transit else "n/a"  # type: ignore[arg-type]
+        out.append(f"| {c} | {ratio:.2f}x | {cost * 100:+.1f}% | {vs_bao} | {vs_transit} |")
     return "\n".join(out)
 
 

@@ -151,7 +151,9 @@ class Daemon:
         self.metrics.add_collector(FuncCollector(lambda: {
             "connections": frontdoor.connections, "accepted": frontdoor.accepted, "refused": frontdoor.refused,
             "key_ages": self.ring.key_ages(self._clock()), "revoked": len(rt.revoked),
-            "uptime": self._clock() - self._started}))
+            "uptime": self._clock() - self._started,
+            **({"vault_leases": self._vault.secrets.leases, "vault_degraded": int(bool(self._vault.degraded()))}
+               if self._vault else {})}))
         health_servicer = health.aio.HealthServicer()
         broker_pb2_grpc.add_BrokerServicer_to_server(BrokerService(rt, self), server)
         workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(WorkloadAPI(rt), server)
@@ -210,7 +212,7 @@ class Daemon:
     async def _start_vault(self, rt: Runtime) -> _Vault:
         v = self.config.vault
         assert v is not None
-        session = VaultSession(v, clock=self._clock)
+        session = VaultSession(v, clock=self._clock, observe=self.metrics.observe_vault)
         await session.start()  # a failed login is retried in the background; we serve meanwhile
         fleet = FleetJwks(session, v, max_token_ttl=_max_ttl(self.config), clock=self._clock,
                           on_change=rt.keys_changed)

@@ -16,12 +16,20 @@ from broker.metrics import Metrics
 class Instrument(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, metrics: Metrics) -> None:
         self._m = metrics
+        # Wrapped handlers by method: built once, not per call. Only registered methods get here
+        # (an unknown method has no handler), so the dict is bounded by the services we serve.
+        self._wrapped: dict[str, Any] = {}
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        method = details.method.rsplit("/", 1)[-1]
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None:
+            handler = await continuation(details)
+            if handler is None:
+                return handler
+            wrapped = self._wrapped[details.method] = self._wrap(handler, details.method.rsplit("/", 1)[-1])
+        return wrapped
+
+    def _wrap(self, handler: Any, method: str) -> Any:
         if handler.unary_unary is not None:
             inner = handler.unary_unary
             hist = self._m.rpc_seconds.labels(method)

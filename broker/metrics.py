@@ -49,7 +49,13 @@ class Metrics:
         self.watchers = Gauge("broker_stream_subscribers", "Open key/revocation streams (sidecars, verifiers)",
                               registry=r)
         self.reloads = Counter("broker_reloads", "Config reloads", ["result"], registry=r)
+        self.vault_seconds = Histogram("broker_vault_request_duration_seconds", "Requests to Vault",
+                                       ["method", "outcome"], registry=r,
+                                       buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, 1, 5))
         self._server: HTTPServer | socketserver.UnixStreamServer | None = None
+
+    def observe_vault(self, method: str, seconds: float, ok: bool) -> None:
+        self.vault_seconds.labels(method, "ok" if ok else "error").observe(seconds)
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
@@ -119,3 +125,8 @@ class FuncCollector(Collector):
         yield ages
         yield GaugeMetricFamily("broker_revoked_tokens", "Revoked tokens not yet expired", value=v["revoked"])
         yield GaugeMetricFamily("broker_uptime_seconds", "Seconds since the daemon started", value=v["uptime"])
+        if "vault_leases" in v:
+            yield GaugeMetricFamily("broker_vault_leases", "Vault leases and child tokens held",
+                                    value=v["vault_leases"])
+            yield GaugeMetricFamily("broker_vault_degraded", "1 while Vault cannot serve or refresh",
+                                    value=v["vault_degraded"])

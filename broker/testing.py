@@ -7,6 +7,7 @@ Used by this project's own tests and shipped for users' integration tests. Nothi
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import secrets
 import shutil
@@ -170,3 +171,19 @@ def openbao_dev_server(workdir: str) -> Iterator[OpenBao]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def scrape_metrics(socket_path: str) -> str:
+    """GET /metrics from a daemon whose ``[metrics] listen`` is ``unix:<socket_path>``."""
+
+    class UnixHTTPConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(socket_path)
+
+    conn = UnixHTTPConnection("localhost")
+    try:
+        conn.request("GET", "/metrics")
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()

@@ -27,20 +27,20 @@ def main() -> int:
     socket_path, tool_url = sys.argv[1], sys.argv[2]
     ok = True
     with Client(socket_path) as broker:
-        minted = broker.mint(WORKFLOW, "read_ticket", audience="crm")
+        minted = broker.mint(WORKFLOW, "read_ticket")
         print(f"agent: got a read_ticket token (jti {minted.jti}, expires at {minted.expires_at})")
         status, body = call_tool(f"{tool_url}/api/tickets/42", minted.token)
         print(f"agent: read_ticket -> HTTP {status} {body}")
         ok &= status == 200
 
         # A token for another tool is useless against this one, even though it is genuine.
-        other = broker.mint(WORKFLOW, "send_email", audience="crm")
+        other = broker.mint(WORKFLOW, "send_email", audience="read_ticket")
         status, body = call_tool(f"{tool_url}/api/tickets/42", other.token)
         print(f"agent: send_email token at the ticket tool -> HTTP {status} {body}")
         ok &= status == 403
 
         try:
-            broker.mint(WORKFLOW, "export_all_customers", audience="crm")
+            broker.mint(WORKFLOW, "export_all_customers")
             print("agent: export_all_customers was granted (unexpected!)")
             ok = False
         except PermissionDenied as exc:

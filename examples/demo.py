@@ -4,7 +4,8 @@
 2. start ``broker serve``,
 3. start a toy tool server that verifies broker tokens offline,
 4. run the example agent: it mints a token, calls the tool, and is refused a tool it lacks,
-5. show the audit log, stop everything.
+5. run an agent under the sidecar (`broker exec`), which only reads a credential file kept fresh for it,
+6. show the audit log, stop everything.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ def main() -> int:
                 print(f"demo: toy tool listening on 127.0.0.1:{port}\n")
                 agent = subprocess.run([sys.executable, os.path.join(HERE, "agent.py"), sock,
                                         f"http://127.0.0.1:{port}"], check=False)
+                print("\ndemo: the same agent, now launched by the sidecar: "
+                      "broker exec --workflow support-summarize --tool read_ticket -- ...")
+                sidecar = subprocess.run([sys.executable, "-m", "broker", "exec", "--socket", sock, "--workflow",
+                                          "support-summarize", "--tool", "read_ticket", "--",
+                                          sys.executable, os.path.join(HERE, "agent_from_file.py"),
+                                          f"http://127.0.0.1:{port}"], check=False)
             finally:
                 tool.terminate()
                 tool.wait(10)
@@ -59,7 +66,7 @@ def main() -> int:
                           f"pid={e.get('pid')} uid={e.get('uid')} reason={e.get('reason')}")
         print("\ndemo: broker stopped cleanly" if daemon.proc.returncode == 0 else "\ndemo: broker exit "
               f"{daemon.proc.returncode}")
-        ok = agent.returncode == 0 and daemon.proc.returncode == 0
+        ok = agent.returncode == 0 and sidecar.returncode == 0 and daemon.proc.returncode == 0
         print("demo: OK" if ok else "demo: FAILED")
         return 0 if ok else 1
 

@@ -16,8 +16,8 @@ from broker import tokens
 from broker.client import Client
 from broker.errors import InvalidToken
 
-AUDIENCE = "crm"
 TOOL = "read_ticket"
+AUDIENCE = TOOL  # tokens name the tool server they are for; by default the tool's own name
 
 
 class Keys:

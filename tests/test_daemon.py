@@ -282,3 +282,15 @@ def test_connection_limit_protects_the_daemon(short_tmp: str) -> None:
         time.sleep(0.5)
         assert _health(sock) == health_pb2.HealthCheckResponse.SERVING
         assert "connection limit 4 reached" in d.log()
+
+
+def test_require_native_refuses_the_pure_engine(short_tmp: str) -> None:
+    path = os.path.join(short_tmp, "broker.toml")
+    with open(path, "w") as f:
+        f.write(config_text(short_tmp, [WorkflowSpec("w", callers=[{"uid": os.geteuid()}])], require_native=True))
+    r = subprocess.run([sys.executable, "-m", "broker", "serve", "--config", path], capture_output=True, text=True,
+                       timeout=30, env={**os.environ, "BROKER_PUREPYTHON": "1"})
+    assert r.returncode == 1 and "native token engine is required" in r.stderr
+    # With the native engine built, the same file starts (the backend is named in the ready line).
+    with running_daemon(path, os.path.join(short_tmp, "broker.sock"), os.path.join(short_tmp, "a.jsonl")) as d:
+        assert "token_backend=native" in d.log()

@@ -3,7 +3,6 @@ activation, sd_notify messages, the metrics endpoint, structured logs, `broker s
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
@@ -20,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.client import Client
 from broker.errors import InvalidToken, PermissionDenied
-from broker.testing import WorkflowSpec, config_text, running_daemon, wait_serving
+from broker.testing import WorkflowSpec, config_text, running_daemon, scrape_metrics, wait_serving
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -228,19 +227,6 @@ def test_notify_socket_messages(short_tmp: str) -> None:
             assert d.proc.wait(15) == 0
 
 
-def _scrape(path: str) -> str:
-    class UnixHTTPConnection(http.client.HTTPConnection):
-        def connect(self) -> None:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.connect(path)
-
-    conn = UnixHTTPConnection("localhost")
-    conn.request("GET", "/metrics")
-    body = conn.getresponse().read().decode()
-    conn.close()
-    return body
-
-
 def test_metrics_endpoint(short_tmp: str) -> None:
     cfg = os.path.join(short_tmp, "broker.toml")
     metrics_sock = os.path.join(short_tmp, "metrics.sock")
@@ -253,7 +239,7 @@ def test_metrics_endpoint(short_tmp: str) -> None:
             c.mint("w", "nope")
         with pytest.raises(PermissionDenied):
             c.mint("no-such-workflow-" + "x" * 50, "t1")
-        text = _scrape(metrics_sock)
+        text = scrape_metrics(metrics_sock)
     for t in tokens:
         assert t not in text and t.split(".")[2] not in text
     fams = {f.name: f for f in text_string_to_metric_families(text)}

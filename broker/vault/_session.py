@@ -71,8 +71,11 @@ class VaultSession:
 
     def __init__(self, settings: VaultSettings, *, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 check_every: float = DEFAULT_CHECK_EVERY) -> None:
+                 check_every: float = DEFAULT_CHECK_EVERY,
+                 observe: Callable[[str, float, bool], None] | None = None) -> None:
         self._settings = settings
+        # Called after every request with (HTTP method, seconds, succeeded): the daemon's metrics.
+        self._observe = observe
         self._clock = clock
         self._transport = VaultTransport(settings.address, ca_file=settings.ca_file, timeout=timeout)
         self._backoff = Backoff(rng or random.SystemRandom())
@@ -142,13 +145,23 @@ class VaultSession:
 
     async def _send(self, method: str, path: str, data: Mapping[str, Any] | None, token: str | None
                     ) -> dict[str, Any]:
+        started = time.perf_counter()
         try:
             body = await self._transport.send(method, path, data, token=token)
         except VaultUnavailable as exc:
             self._mark_degraded(str(exc))
+            self._observed(method, started, ok=False)
+            raise
+        except VaultError:
+            self._observed(method, started, ok=False)
             raise
         self._mark_healthy()
+        self._observed(method, started, ok=True)
         return body
+
+    def _observed(self, method: str, started: float, *, ok: bool) -> None:
+        if self._observe is not None:
+            self._observe(method, time.perf_counter() - started, ok)
 
     def _mark_degraded(self, reason: str) -> None:
         if self._degraded != reason:

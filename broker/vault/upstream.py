@@ -164,6 +164,11 @@ class SecretManager:
         await self._retry_revocations()
 
     @property
+    def leases(self) -> int:
+        """Leases (and child tokens) held right now, for the metrics."""
+        return sum(1 for e in self._entries.values() if e.lease is not None)
+
+    @property
     def degraded(self) -> str | None:
         """A summary of the secrets Vault currently fails to serve or refresh, or None."""
         failing = [e for e in self._entries.values() if e.active and e.error is not None]

@@ -14,10 +14,12 @@ from collections.abc import Iterator
 
 import hvac
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from broker.client import Client
 from broker.errors import PermissionDenied
 from broker.testing import OpenBao, WorkflowSpec, config_text, running_daemon
+from broker.testing import scrape_metrics as scrape
 from tests.vault.conftest import Role, make_role
 
 ME = {"uid": os.geteuid()}
@@ -115,9 +117,18 @@ def test_leases_are_revoked_at_shutdown(short_tmp: str, bao: OpenBao, admin: hva
     tools = [{"name": "child", "secret": {"kind": "token", "policies": ["crm-read"], "ttl": "10m"}}]
     # A child token may only carry policies its parent holds.
     cfg = start(short_tmp, bao, make_role(admin, creds_dir, policies=[broker_policy, "crm-read"]), "lease", tools)
+    metrics_sock = os.path.join(short_tmp, "metrics.sock")
+    with open(cfg[0], "a") as f:
+        f.write(f'\n[metrics]\nlisten = "unix:{metrics_sock}"\n')
     with running_daemon(*cfg) as d:
         with Client(d.socket, workflow="w") as c:
             s = c.secret("child")
+        fams = {f.name: f for f in text_string_to_metric_families(scrape(metrics_sock))}
+        assert fams["broker_vault_leases"].samples[0].value == 1
+        assert fams["broker_vault_degraded"].samples[0].value == 0
+        assert any(x.name.endswith("_count") and x.labels["outcome"] == "ok" and x.value > 0
+                   for x in fams["broker_vault_request_duration_seconds"].samples)
+        assert s.data["token"] not in scrape(metrics_sock)
         child_token = s.data["token"]
         looked = hvac.Client(url=bao.address, token=bao.token).auth.token.lookup(child_token)["data"]
         assert "crm-read" in looked["policies"] and 0 < looked["ttl"] <= 600
