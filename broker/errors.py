@@ -7,9 +7,16 @@ Every error the broker raises on purpose derives from :class:`BrokerError`::
     ├── InvalidToken           a token failed verification; opaque to callers, ``reason`` is for the audit log
     ├── PermissionDenied       policy refused a request; opaque to callers, ``reason`` is for the audit log
     ├── AttestationError       the kernel-reported caller could not be resolved or pinned
-    └── ClientError            raised by the client library
-        ├── Unavailable        the daemon could not be reached
-        └── RequestRejected    the daemon answered with an error status
+    ├── ClientError            raised by the client library
+    │   ├── Unavailable        the daemon could not be reached
+    │   └── RequestRejected    the daemon answered with an error status
+    ├── broker.vault.VaultError             Vault/OpenBao: VaultUnavailable, VaultAuthError, VaultRequestError
+    ├── broker.vault.SecretUnavailable      an upstream secret cannot be served (gRPC UNAVAILABLE)
+    ├── broker.vault.NoSecretConfigured     the tool has no upstream secret (gRPC FAILED_PRECONDITION)
+    └── broker.scan.ScanError               the secret scanner: UsageError, Skipped
+
+Client-side, a daemon's PERMISSION_DENIED arrives as :class:`PermissionDenied` and an invalid token as
+:class:`InvalidToken`, so one ``except`` works on both sides of the socket.
 
 The gRPC edge (``broker.service``) is the only place that maps these to status codes, always with a
 generic message; the precise reason goes to the audit log, never to the caller.
