@@ -10,12 +10,14 @@ clock (``now`` is a parameter), no randomness.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Contains, PyDict_GetItem, PyDict_SetItem
-from cpython.long cimport PyLong_FromLongLong
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact, PyLong_FromLongLong
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 from libc.string cimport memchr, memcmp, memcpy
+
+cimport cython
 
 
 cdef extern from "Python.h":
@@ -27,14 +29,13 @@ from tokens cimport buf_t, cursor_t
 
 import hashlib
 import hmac
-from collections import OrderedDict
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker.errors import BrokerError, InvalidToken
-from broker.tokens._claims import HEADER_KEYS, MAX_JSON_DEPTH, MAX_TOKEN_BYTES, Claims
+from broker.tokens._claims import HEADER_KEYS, MAX_JSON_DEPTH, MAX_TOKEN_BYTES, Claims, Expect
 from broker.tokens._keys import EDDSA, ES256, HS256, VerifyKey
 
 # Bound once: a module-global lookup per call is measurable on the HS256 path.
@@ -42,6 +43,7 @@ cdef object _ECDSA = ec.ECDSA(hashes.SHA256())
 cdef object _hmac_digest = hmac.digest
 cdef object _sha256 = hashlib.sha256
 cdef object _Claims = Claims
+cdef object _Expect = Expect
 cdef object _VerifyKey = VerifyKey
 cdef object _InvalidSignature = InvalidSignature
 cdef object _HEADER_KEYS = HEADER_KEYS
@@ -492,6 +494,29 @@ cdef str j_string_escaped(cursor_t *c, const uint8_t *start):
         PyMem_Free(b.data)
 
 
+# The member names of our header and claims, made once: a key that is one of them is returned as this
+# str, which saves an allocation and a hash per key on every token parsed.
+cdef tuple _KNOWN_KEYS = ("iss", "sub", "aud", "iat", "nbf", "exp", "jti", "tenant", "wf", "tool", "act",
+                          "dst", "alg", "kid", "typ")
+
+
+cdef str j_key(cursor_t *c):
+    # c.p is just past the opening quote. Only a plain ASCII name of a known key is shortcut; anything
+    # else (escapes included, so "\u0069ss" still decodes to the same str) takes j_string.
+    cdef const uint8_t *q = c.p
+    cdef Py_ssize_t n
+    cdef str k
+    while q < c.end and q - c.p < 7 and 0x61 <= q[0] <= 0x7A:
+        q += 1
+    if q < c.end and q[0] == b'"':
+        n = q - c.p
+        for k in _KNOWN_KEYS:
+            if len(k) == n and memcmp(PyUnicode_DATA(k), c.p, n) == 0:
+                c.p = q + 1
+                return k
+    return j_string(c)
+
+
 cdef str j_string(cursor_t *c):
     # c.p is just past the opening quote.
     cdef const uint8_t *start = c.p
@@ -602,7 +627,7 @@ cdef dict j_object(cursor_t *c):
         if c.p >= c.end or c.p[0] != b'"':
             raise InvalidToken("malformed JSON")
         c.p += 1
-        key = j_string(c)
+        key = j_key(c)
         skip_ws(c)
         if c.p >= c.end or c.p[0] != b':':
             raise InvalidToken("malformed JSON")
@@ -1004,75 +1029,196 @@ def verify(token, keys, expect, now):
 
 # ---------------------------------------------------------------------------------------------------------
 # The verified-token cache
+#
+# A dict from the token's SHA-256 to an entry, and a clock over the entries for eviction: each slot of
+# the ring holds one entry and a "used since the hand last passed" bit. A hit only sets that bit (where
+# an exact LRU would relink a list on every hit); a put into a full cache sweeps the hand forward,
+# clearing set bits, and evicts the first entry whose bit is clear, so the sweep is bounded by one
+# turn of the ring. Slots emptied by a discard are reused first, last freed first. The pure twin runs
+# the same algorithm step for step, so both evict the same tokens.
+
+# Times whose magnitude is below this are compared as C integers: no sum of two of them overflows.
+cdef int64_t _SMALL = (<int64_t>1) << 61
+
+
+@cython.final
+@cython.no_gc
+cdef class _Entry:
+    # No cycles can pass through an entry (it holds bytes, str, Claims and Expect), so the GC need not
+    # track it, and creating one can never start a collection in the middle of a put.
+    cdef bytes digest
+    cdef object claims
+    cdef str kid
+    cdef Py_ssize_t slot  # its index in the ring; -1 once removed
+    cdef bint ref         # used since the clock hand last passed it
+    cdef bint small       # exp, nbf and iat are exact ints below _SMALL: the hit checks them in C
+    cdef int64_t exp, nbf, iat
+    # The last Expect (an exact, frozen Expect) these claims passed every check of at some time. The
+    # checks that do not depend on the time are a function of the claims and the Expect alone, so for
+    # the same Expect object a hit need only redo the clock checks.
+    cdef object ok
+    cdef int64_t leeway   # ok.leeway
+
+
+cdef inline bint _small_int(object v, int64_t *out):
+    cdef int overflow = 0
+    cdef long long x
+    if not PyLong_CheckExact(v):
+        return False
+    x = PyLong_AsLongLongAndOverflow(v, &overflow)
+    if overflow or not -_SMALL < x < _SMALL:
+        return False
+    out[0] = x
+    return True
+
 
 cdef class VerifiedCache:
-    """Tokens verified before, by the SHA-256 of their full bytes, in least-recently-used order.
+    """Tokens verified before, by the SHA-256 of their full bytes, evicted by a clock (second chance).
 
-    Keyed by a hash rather than the token so the cache holds no usable bearer tokens. Each entry keeps
-    the claims and the kid that verified them, so a retired key or a revoked jti can be swept out. A hit
-    still runs the claim checks against the caller's ``Expect``: the cache vouches for the signature
-    and the parse only. Safe to share between threads: each method holds the GIL from start to end.
+    Keyed by a hash rather than the token so the cache holds no usable bearer tokens; a cryptographic
+    hash, so no other token can be made to land on a cached one's entry. Each entry keeps the claims and
+    the kid that verified them, so a retired key or a revoked jti can be swept out. A hit still runs the
+    claim checks against the caller's ``Expect``: the cache vouches for the signature and the parse
+    only. Safe to share between threads: each method holds the GIL from start to end.
     """
 
-    cdef object _entries  # OrderedDict[bytes, tuple[Claims, str]]
+    cdef dict _map    # digest -> _Entry
+    cdef list _ring   # slot -> _Entry, or None for a slot in _free
+    cdef list _free   # slots emptied by a discard
+    cdef Py_ssize_t _hand
     cdef Py_ssize_t _max
 
     def __init__(self, max_entries):
         if not isinstance(max_entries, int) or max_entries < 1:
             raise BrokerError("max_entries must be a positive integer")
         self._max = max_entries
-        self._entries = OrderedDict()
+        self._map = {}
+        self._ring = []
+        self._free = []
+        self._hand = 0
 
     @property
     def max_entries(self):
         return self._max
 
     def __len__(self):
-        return len(self._entries)
+        return len(self._map)
+
+    cdef int _remove(self, _Entry e) except -1:
+        if e.slot < 0:
+            return 0  # already gone
+        del self._map[e.digest]
+        self._ring[e.slot] = None
+        self._free.append(e.slot)
+        e.slot = -1
+        return 0
+
+    cdef object _hit(self, object token, object expect, object now):
+        # The claims of a cached token that passes ``expect`` now; None on a miss; raises if it fails.
+        cdef bytes raw = <bytes>token if type(token) is bytes else _raw(token)
+        cdef PyObject *found
+        cdef _Entry e
+        cdef int64_t t = 0
+        if PyBytes_GET_SIZE(raw) > _MAX_TOKEN:
+            return None
+        found = PyDict_GetItem(self._map, _sha256(raw).digest())
+        if found == NULL:
+            return None
+        e = <_Entry>found
+        if e.small and _small_int(now, &t):
+            if t >= e.exp:
+                # Never served past exp, leeway or not; the full path decides about the leeway.
+                self._remove(e)
+                return None
+            e.ref = True
+            if expect is e.ok and expect is not None:
+                # Only the clock checks of _check_claims are left, in its order ("expired" cannot
+                # happen here: t < exp).
+                if t + e.leeway < e.nbf or t + e.leeway < e.iat:
+                    raise InvalidToken("not yet valid")
+                return e.claims
+        else:
+            if now >= e.claims.exp:
+                self._remove(e)
+                return None
+            e.ref = True
+        _check_claims(e.claims, expect, now)
+        if type(expect) is _Expect and PyLong_CheckExact(expect.leeway):
+            e.leeway = expect.leeway
+            e.ok = expect
+        return e.claims
 
     def lookup(self, token, expect, now):
         """The claims of a cached token that passes ``expect`` now; None on a miss; raises if it fails."""
-        cdef bytes raw = _raw(token)
-        cdef PyObject *entry
-        if PyBytes_GET_SIZE(raw) > _MAX_TOKEN:
-            return None
-        digest = _sha256(raw).digest()
-        entry = PyDict_GetItem(self._entries, digest)
-        if entry == NULL:
-            return None
-        claims = (<tuple><object>entry)[0]
-        if now >= claims.exp:
-            # Never served past exp, leeway or not; the full path decides about the leeway.
-            self._entries.pop(digest, None)
-            return None
-        self._entries.move_to_end(digest)
-        _check_claims(claims, expect, now)
+        return self._hit(token, expect, now)
+
+    def verify(self, token, expect, now, miss):
+        """Like ``lookup``, but a miss returns ``miss(token, expect, now)``: the hit path in one call."""
+        claims = self._hit(token, expect, now)
+        if claims is None:
+            return miss(token, expect, now)
         return claims
 
-    def put(self, token, claims, str kid, now):
+    def put(self, token, claims, str kid not None, now):
         """Remember a token that has just passed full verification (an expired one is not kept)."""
         cdef bytes raw = _raw(token)
+        cdef _Entry e, old
+        cdef PyObject *found
+        cdef Py_ssize_t slot
         if now >= claims.exp or PyBytes_GET_SIZE(raw) > _MAX_TOKEN:
             return
-        digest = _sha256(raw).digest()
-        self._entries[digest] = (claims, kid)
-        self._entries.move_to_end(digest)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+        e = _Entry.__new__(_Entry)
+        e.digest = _sha256(raw).digest()
+        e.claims = claims
+        e.kid = kid
+        e.small = (_small_int(claims.exp, &e.exp) and _small_int(claims.nbf, &e.nbf)
+                   and _small_int(claims.iat, &e.iat))
+        found = PyDict_GetItem(self._map, e.digest)
+        if found != NULL:
+            # Verified again (two threads missed at once): the new entry takes the old one's slot.
+            old = <_Entry>found
+            slot = old.slot
+            old.slot = -1
+            e.ref = True
+        elif self._free:
+            slot = self._free.pop()
+        elif len(self._ring) < self._max:
+            slot = len(self._ring)
+            self._ring.append(None)
+        else:
+            # Full and no holes, so every slot holds an entry; at most one turn clears every bit.
+            while True:
+                old = <_Entry>self._ring[self._hand]
+                if not old.ref:
+                    break
+                old.ref = False
+                self._hand = (self._hand + 1) % self._max
+            del self._map[old.digest]
+            old.slot = -1
+            slot = self._hand
+            self._hand = (self._hand + 1) % self._max
+        e.slot = slot
+        self._ring[slot] = e
+        self._map[e.digest] = e
 
     def discard_kid(self, str kid):
         """Drop every token verified by ``kid`` (its key was retired); returns how many."""
-        doomed = [d for d, entry in self._entries.items() if entry[1] == kid]
-        for d in doomed:
-            del self._entries[d]
+        cdef _Entry e
+        doomed = [e for e in self._map.values() if e.kid == kid]
+        for e in doomed:
+            self._remove(e)
         return len(doomed)
 
     def discard_jti(self, str jti):
         """Drop every token with this ``jti`` (it was revoked); returns how many."""
-        doomed = [d for d, entry in self._entries.items() if entry[0].jti == jti]
-        for d in doomed:
-            del self._entries[d]
+        cdef _Entry e
+        doomed = [e for e in self._map.values() if e.claims.jti == jti]
+        for e in doomed:
+            self._remove(e)
         return len(doomed)
 
     def clear(self):
-        self._entries.clear()
+        self._map.clear()
+        self._ring = []
+        self._free = []
+        self._hand = 0

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
 import json
 import re
-from collections import OrderedDict
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidSignature
@@ -287,72 +286,136 @@ def verify(token: bytes | str, keys: Mapping[str, VerifyKey], expect: Expect, no
     return claims
 
 
-class VerifiedCache:
-    """Tokens verified before, by the SHA-256 of their full bytes, in least-recently-used order.
+class _Entry:
+    """One cached token: its claims, the kid that verified them, and its place on the clock."""
 
-    Keyed by a hash rather than the token so the cache holds no usable bearer tokens. Each entry keeps
-    the claims and the kid that verified them, so a retired key or a revoked jti can be swept out. A hit
-    still runs the claim checks against the caller's ``Expect``: the cache vouches for the signature
-    and the parse only. Safe to share between threads: every step is one atomic dict operation.
+    __slots__ = ("claims", "digest", "kid", "ref", "slot")
+
+    def __init__(self, digest: bytes, claims: Claims, kid: str) -> None:
+        self.digest = digest
+        self.claims = claims
+        self.kid = kid
+        self.slot = -1  # its index in the ring; -1 once removed
+        self.ref = False  # used since the clock hand last passed it
+
+
+class VerifiedCache:
+    """Tokens verified before, by the SHA-256 of their full bytes, evicted by a clock (second chance).
+
+    Keyed by a hash rather than the token so the cache holds no usable bearer tokens; a cryptographic
+    hash, so no other token can be made to land on a cached one's entry. Each entry keeps the claims and
+    the kid that verified them, so a retired key or a revoked jti can be swept out. A hit still runs the
+    claim checks against the caller's ``Expect``: the cache vouches for the signature and the parse
+    only. Safe to share between threads: a hit reads one entry; every change holds the cache's lock.
+
+    Eviction, the same step for step as the native engine's: each slot of a ring holds one entry and a
+    "used since the hand last passed" bit. A hit sets the bit; a put into a full cache sweeps the hand
+    forward, clearing set bits, and evicts the first entry whose bit is clear (at most one turn). Slots
+    emptied by a discard are reused first, last freed first.
     """
 
     def __init__(self, max_entries: int) -> None:
         if not isinstance(max_entries, int) or max_entries < 1:
             raise BrokerError("max_entries must be a positive integer")
         self._max = max_entries
-        self._entries: OrderedDict[bytes, tuple[Claims, str]] = OrderedDict()
+        self._map: dict[bytes, _Entry] = {}
+        self._ring: list[_Entry | None] = []
+        self._free: list[int] = []
+        self._hand = 0
+        self._lock = threading.Lock()
 
     @property
     def max_entries(self) -> int:
         return self._max
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._map)
+
+    def _remove(self, entry: _Entry) -> None:
+        # Caller holds the lock.
+        if entry.slot < 0:
+            return  # already gone
+        del self._map[entry.digest]
+        self._ring[entry.slot] = None
+        self._free.append(entry.slot)
+        entry.slot = -1
 
     def lookup(self, token: bytes | str, expect: Expect, now: int) -> Claims | None:
         """The claims of a cached token that passes ``expect`` now; None on a miss; raises if it fails."""
         raw = _raw(token)
         if len(raw) > MAX_TOKEN_BYTES:
             return None
-        digest = hashlib.sha256(raw).digest()
-        entry = self._entries.get(digest)
+        entry = self._map.get(hashlib.sha256(raw).digest())
         if entry is None:
             return None
-        claims = entry[0]
+        claims = entry.claims
         if now >= claims.exp:
             # Never served past exp, leeway or not; the full path decides about the leeway.
-            self._entries.pop(digest, None)
+            with self._lock:
+                self._remove(entry)
             return None
-        # Swept by another thread since the get: still a valid answer for this call.
-        with contextlib.suppress(KeyError):
-            self._entries.move_to_end(digest)
+        entry.ref = True
         check_claims(claims, expect, now)
         return claims
+
+    def verify(self, token: bytes | str, expect: Expect, now: int,
+               miss: Callable[[bytes | str, Expect, int], Claims]) -> Claims:
+        """Like ``lookup``, but a miss returns ``miss(token, expect, now)``: the hit path in one call."""
+        claims = self.lookup(token, expect, now)
+        return miss(token, expect, now) if claims is None else claims
 
     def put(self, token: bytes | str, claims: Claims, kid: str, now: int) -> None:
         """Remember a token that has just passed full verification (an expired one is not kept)."""
         raw = _raw(token)
         if now >= claims.exp or len(raw) > MAX_TOKEN_BYTES:
             return
-        digest = hashlib.sha256(raw).digest()
-        self._entries[digest] = (claims, kid)
-        self._entries.move_to_end(digest)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+        entry = _Entry(hashlib.sha256(raw).digest(), claims, kid)
+        with self._lock:
+            old = self._map.get(entry.digest)
+            if old is not None:
+                # Verified again (two threads missed at once): the new entry takes the old one's slot.
+                slot, old.slot, entry.ref = old.slot, -1, True
+            elif self._free:
+                slot = self._free.pop()
+            elif len(self._ring) < self._max:
+                slot = len(self._ring)
+                self._ring.append(None)
+            else:
+                # Full and no holes, so every slot holds an entry; at most one turn clears every bit.
+                while True:
+                    victim = self._ring[self._hand]
+                    assert victim is not None
+                    if not victim.ref:
+                        break
+                    victim.ref = False
+                    self._hand = (self._hand + 1) % self._max
+                del self._map[victim.digest]
+                victim.slot = -1
+                slot = self._hand
+                self._hand = (self._hand + 1) % self._max
+            entry.slot = slot
+            self._ring[slot] = entry
+            self._map[entry.digest] = entry
 
     def discard_kid(self, kid: str) -> int:
         """Drop every token verified by ``kid`` (its key was retired); returns how many."""
-        doomed = [d for d, (_, k) in list(self._entries.items()) if k == kid]
-        for d in doomed:
-            self._entries.pop(d, None)
+        with self._lock:
+            doomed = [e for e in self._map.values() if e.kid == kid]
+            for e in doomed:
+                self._remove(e)
         return len(doomed)
 
     def discard_jti(self, jti: str) -> int:
         """Drop every token with this ``jti`` (it was revoked); returns how many."""
-        doomed = [d for d, (claims, _) in list(self._entries.items()) if claims.jti == jti]
-        for d in doomed:
-            self._entries.pop(d, None)
+        with self._lock:
+            doomed = [e for e in self._map.values() if e.claims.jti == jti]
+            for e in doomed:
+                self._remove(e)
         return len(doomed)
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._map.clear()
+            self._ring = []
+            self._free = []
+            self._hand = 0

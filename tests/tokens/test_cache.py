@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 from types import ModuleType
 
@@ -146,3 +147,76 @@ def test_threads_share_a_verifier(engine: ModuleType, es: tokens.SigningKey) -> 
         t.join()
     assert all(isinstance(e, InvalidToken) and e.reason == "revoked" for e in errors)
     assert len(v.cache) <= 16
+
+
+def test_repeat_hit_with_the_same_expect_still_checks_the_clock(engine: ModuleType, es: tokens.SigningKey) -> None:
+    # The second hit with one Expect object takes the native fast path (only the clock checks are redone).
+    v = verifier(engine, [es.verify_key])
+    token = engine.mint(es, make_claims())
+    v.verify(token, EXPECT, NOW)
+    assert v.verify(token, EXPECT, NOW).jti == make_claims().jti
+    assert v.verify(token, EXPECT, NOW).jti == make_claims().jti
+    for now, reason in ((NOW - 200, "not yet valid"), (NOW + 205, "expired"), (2**80, "expired")):
+        with pytest.raises(InvalidToken) as info:
+            v.verify(token, EXPECT, now)
+        assert info.value.reason == reason
+    v.verify(token, EXPECT, NOW)
+    with pytest.raises(InvalidToken) as info:
+        v.verify(token, tokens.Expect(TD, "billing", "read_ticket"), NOW)  # another Expect: checked in full
+    assert info.value.reason == "wrong audience"
+    assert v.verify(token, tokens.Expect(TD, "crm"), NOW).tool == "read_ticket"
+    assert v.verify(token, EXPECT, NOW).tool == "read_ticket"
+
+
+def test_cache_verify_calls_miss_only_on_a_miss(engine: ModuleType, es: tokens.SigningKey) -> None:
+    cache = engine.VerifiedCache(4)
+    claims = make_claims()
+    token = engine.mint(es, claims)
+    calls: list[object] = []
+
+    def miss(t: object, e: object, n: int) -> tokens.Claims:
+        calls.append((t, e, n))
+        return claims
+
+    assert cache.verify(token, EXPECT, NOW, miss) is claims
+    assert calls == [(token, EXPECT, NOW)]
+    cache.put(token, claims, es.kid, NOW)
+    assert cache.verify(token, EXPECT, NOW, miss) is claims
+    assert len(calls) == 1
+
+
+def _script(seed: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    ops = ["put"] * 5 + ["lookup"] * 5 + ["jti", "kid"] + ["clear"] * (seed % 2)
+    return [(rng.choice(ops), rng.randrange(12)) for _ in range(400)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_twins_evict_the_same_tokens(seed: int) -> None:
+    # The clock is part of the interface: both engines must hit, miss and evict identically.
+    from tests.tokens.conftest import _native
+
+    if _native is None:
+        pytest.skip("native module not built")
+    from broker.tokens import _pure
+
+    traces = []
+    for eng in (_native, _pure):
+        cache = eng.VerifiedCache(5)
+        trace: list[object] = []
+        for op, i in _script(seed):
+            token = b"token-%d" % i
+            if op == "put":
+                cache.put(token, make_claims(jti=f"j{i % 7}"), f"k{i % 3}", NOW)
+            elif op == "lookup":
+                trace.append(cache.lookup(token, EXPECT, NOW) is not None)
+            elif op == "jti":
+                trace.append(cache.discard_jti(f"j{i % 7}"))
+            elif op == "kid":
+                trace.append(cache.discard_kid(f"k{i % 3}"))
+            else:
+                cache.clear()
+            trace.append(len(cache))
+        traces.append(trace)
+    assert traces[0] == traces[1]
+    assert any(traces[0][k] is True for k in range(len(traces[0])))
