@@ -15,6 +15,8 @@ Nothing a caller says about itself is ever used.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import grp
 import hashlib
 import os
@@ -37,6 +39,14 @@ _HASH_CACHE_SIZE: Final = 256
 _UNIT_SUFFIXES: Final = (".service", ".scope")
 _UCRED: Final = struct.Struct("3i")
 SO_PEERPIDFD: Final = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5+; Python 3.11 lacks the name
+# PIDFD_GET_INFO (Linux 6.13+): a process's credentials straight from its pidfd, in one ioctl that fails
+# with ESRCH once the process has exited. struct pidfd_info, version 0 (64 bytes): mask, cgroupid, pid,
+# tgid, ppid, ruid, rgid, euid, egid, suid, sgid, fsuid, fsgid, then spare fields.
+_PIDFD_INFO: Final = struct.Struct("=QQ11I")
+_PIDFD_INFO_SIZE: Final = 64
+PIDFD_GET_INFO: Final = (3 << 30) | (_PIDFD_INFO_SIZE << 16) | (0xFF << 8) | 11  # _IOWR(0xFF, 11, info)
+_PIDFD_INFO_CREDS: Final = 1 << 1
+_pidfd_info: list[bool] = [True]  # cleared the first time the kernel says it does not know the ioctl
 
 
 class ProcessHandle:
@@ -56,6 +66,30 @@ class ProcessHandle:
         except OSError:
             return False  # ESRCH: exited; anything else: fail closed
         return True
+
+    def effective_ids(self) -> tuple[int, int] | None:
+        """(euid, egid) from the kernel through the pidfd; None where the kernel is too old.
+
+        Raises ProcessLookupError when the process has exited: the answer can only ever describe the
+        process this handle pins, never a later one with the same pid.
+        """
+        if not _pidfd_info[0]:
+            return None
+        buf = bytearray(_PIDFD_INFO_SIZE)
+        _PIDFD_INFO.pack_into(buf, 0, _PIDFD_INFO_CREDS, *([0] * 12))
+        try:
+            fcntl.ioctl(self.fd, PIDFD_GET_INFO, buf, True)
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                raise ProcessLookupError from None
+            if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                _pidfd_info[0] = False
+                return None
+            raise
+        fields = _PIDFD_INFO.unpack_from(buf, 0)
+        if not fields[0] & _PIDFD_INFO_CREDS:
+            return None
+        return fields[7], fields[8]
 
     def __del__(self) -> None:
         os.close(self.fd)
@@ -212,6 +246,12 @@ def _status_ids(pid: int) -> tuple[int, int, frozenset[int]]:
 
 
 def _effective_ids(cred: PeerCred) -> tuple[int, int]:
+    try:
+        ids = cred.process.effective_ids()
+    except ProcessLookupError:
+        raise AttestationError(f"pid {cred.pid} has exited") from None
+    if ids is not None:
+        return ids
     st = os.stat(f"{PROC}/{cred.pid}")
     # /proc/<pid> is owned by the process's effective uid/gid, unless the process is not dumpable
     # (setuid programs, or after a credential change), in which case it shows root. So the cheap stat

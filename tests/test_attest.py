@@ -113,3 +113,26 @@ def test_exe_hash_is_cached_per_binary() -> None:
     first = attest.exe_sha256(attest.attest(me()))
     assert first is not None and len(first) == 64
     assert attest.exe_sha256(attest.attest(me())) == first
+
+
+def test_credentials_come_from_the_pidfd_when_the_kernel_can() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        handle = attest.ProcessHandle(os.pidfd_open(child.pid))
+        ids = handle.effective_ids()
+        if ids is None:
+            pytest.skip("kernel without PIDFD_GET_INFO (before 6.13): the /proc fallback is tested below")
+        assert ids == (os.geteuid(), os.getegid())
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(ProcessLookupError):  # never the credentials of a later process with that pid
+        handle.effective_ids()
+
+
+def test_proc_fallback_without_pidfd_info(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attest, "_pidfd_info", [False])  # as on a kernel before 6.13
+    caller = attest.attest(me())
+    assert (caller.uid, caller.gid) == (os.geteuid(), os.getegid())
+    with pytest.raises(AttestationError, match="attested"):
+        attest.attest(me(uid=os.geteuid() + 1))
