@@ -17,10 +17,11 @@ import grpc
 from broker.client._cache import DEFAULT_REFRESH_FRACTION, Minted
 from broker.client._errors import retryable, translate
 from broker.client._socket import resolve_socket
-from broker.client._sync import DEFAULT_RETRIES, DEFAULT_TIMEOUT
+from broker.client._sync import DEFAULT_RETRIES, DEFAULT_TIMEOUT, secret_value
 from broker.errors import BrokerError
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc as pb_grpc
+from broker.vault import SecretValue
 
 
 class AsyncClient:
@@ -105,23 +106,22 @@ class AsyncClient:
         r = await self._call(self._stub.DescribeWorkflow, pb.DescribeWorkflowRequest(workflow=workflow))
         return list(r.tools)
 
-    async def secret(self, tool: str, *, workflow: str | None = None, refresh: bool = False) -> pb.Secret:
-        """The tool's upstream credential (from Vault)."""
+    async def secret(self, tool: str, *, workflow: str | None = None, refresh: bool = False) -> SecretValue:
+        """The tool's upstream credential (from Vault); its repr never shows the values."""
         wf = workflow or self._workflow
         if not wf:
             raise BrokerError("no workflow: pass workflow= to AsyncClient() or secret()")
-        secret: pb.Secret = await self._call(self._stub.GetSecret, pb.GetSecretRequest(
-            workflow=wf, tool=tool, refresh=refresh))
-        return secret
+        return secret_value(await self._call(self._stub.GetSecret, pb.GetSecretRequest(
+            workflow=wf, tool=tool, refresh=refresh)))
 
-    async def watch_secret(self, tool: str, *, workflow: str | None = None) -> AsyncIterator[pb.Secret]:
+    async def watch_secret(self, tool: str, *, workflow: str | None = None) -> AsyncIterator[SecretValue]:
         """The credential now, then the full new one at every rotation."""
         wf = workflow or self._workflow
         if not wf:
             raise BrokerError("no workflow: pass workflow= to AsyncClient() or watch_secret()")
         try:
             async for msg in self._stub.WatchSecret(pb.GetSecretRequest(workflow=wf, tool=tool)):
-                yield msg
+                yield secret_value(msg)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 raise translate(exc, self._path) from None

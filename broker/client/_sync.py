@@ -19,10 +19,16 @@ from broker.client._socket import resolve_socket
 from broker.errors import BrokerError
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc as pb_grpc
+from broker.vault import SecretValue
 
 DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_RETRIES: Final = 3
 R = TypeVar("R")
+
+
+def secret_value(msg: pb.Secret) -> SecretValue:
+    return SecretValue(msg.kind, dict(msg.data), msg.version, msg.lease_id or None, msg.expires_at or None,
+                       msg.renewable)
 
 
 class Client:
@@ -126,22 +132,23 @@ class Client:
         r = self._call(self._stub.DescribeWorkflow, pb.DescribeWorkflowRequest(workflow=workflow))
         return list(r.tools)
 
-    def secret(self, tool: str, *, workflow: str | None = None, refresh: bool = False) -> pb.Secret:
-        """The tool's upstream credential (from Vault): ``.data`` holds its fields, ``.expires_at`` its end."""
+    def secret(self, tool: str, *, workflow: str | None = None, refresh: bool = False) -> SecretValue:
+        """The tool's upstream credential (from Vault): ``.data`` holds its fields, ``.expires_at`` its end.
+        Its repr never shows the values."""
         wf = workflow or self._workflow
         if not wf:
             raise BrokerError("no workflow: pass workflow= to Client() or secret()")
-        secret: pb.Secret = self._call(self._stub.GetSecret, pb.GetSecretRequest(workflow=wf, tool=tool,
-                                                                                  refresh=refresh))
-        return secret
+        return secret_value(self._call(self._stub.GetSecret, pb.GetSecretRequest(workflow=wf, tool=tool,
+                                                                                 refresh=refresh)))
 
-    def watch_secret(self, tool: str, *, workflow: str | None = None) -> Iterator[pb.Secret]:
+    def watch_secret(self, tool: str, *, workflow: str | None = None) -> Iterator[SecretValue]:
         """The credential now, then the full new one at every rotation."""
         wf = workflow or self._workflow
         if not wf:
             raise BrokerError("no workflow: pass workflow= to Client() or watch_secret()")
         try:
-            yield from self._stub.WatchSecret(pb.GetSecretRequest(workflow=wf, tool=tool))
+            for msg in self._stub.WatchSecret(pb.GetSecretRequest(workflow=wf, tool=tool)):
+                yield secret_value(msg)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 raise translate(exc, self._path) from None

@@ -26,7 +26,7 @@ import uvloop
 from broker.client import AsyncClient, Minted
 from broker.errors import BrokerError, PermissionDenied, Unavailable
 from broker.sidecar.credfiles import CredentialDir
-from broker.v1 import broker_pb2 as pb
+from broker.vault import SecretValue
 
 log = logging.getLogger("broker.exec")
 
@@ -143,15 +143,15 @@ class Sidecar:
         if cred.file:
             self._dir.write(cred.file, minted.token.encode() + b"\n")
 
-    def _store_secret(self, cred: _Credential, secret: pb.Secret) -> bool:
+    def _store_secret(self, cred: _Credential, secret: SecretValue) -> bool:
         assert self._dir is not None
-        key = (secret.version, secret.lease_id)
+        key = (secret.version, secret.lease_id or "")
         if key == cred.secret_key:
             return False
-        doc = {"kind": secret.kind, "version": secret.version, "expires_at": secret.expires_at or None,
+        doc = {"kind": secret.kind, "version": secret.version, "expires_at": secret.expires_at,
                "data": dict(secret.data)}
         self._dir.write(f"{cred.tool}.secret.json", json.dumps(doc).encode())
-        cred.secret_key, cred.secret_expires = key, secret.expires_at
+        cred.secret_key, cred.secret_expires = key, secret.expires_at or 0.0
         return True
 
     async def _follow_secret(self, cred: _Credential) -> None:

@@ -83,6 +83,7 @@ def test_secrets_get_watch_and_sidecar(short_tmp: str, bao: OpenBao, admin: hvac
     with running_daemon(*cfg) as d, Client(d.socket, workflow="w") as c:
         s = c.secret("crm")
         assert s.kind == "kv" and s.data["api_key"] == value and s.version == 1
+        assert value not in repr(s)  # a secret printed by accident shows field names only
         with pytest.raises(PermissionDenied):
             c.secret("export_all_customers")
         audit = open(d.audit_log).read()
