@@ -197,3 +197,17 @@ def test_history_finds_removed_secrets(repo: Path, token) -> None:
     assert run_scan("--history", "--since", base, cwd=repo).code == 1
     assert run_scan("--history", "--since", "no-such-rev", cwd=repo).code == 2
     assert run_scan("--staged", cwd=repo.parent).code == 2  # not a repository
+
+
+def test_wired_into_the_broker_command(tree: tuple[Path, str]) -> None:
+    """`broker scan` (the entry point users and CI call) behaves like `python -m broker.scan`."""
+    import subprocess
+    import sys
+
+    root, secret = tree
+    found = subprocess.run([sys.executable, "-m", "broker", "scan", "."], cwd=root, capture_output=True, text=True,
+                           timeout=60)
+    assert found.returncode == 1 and "app.py" in found.stdout and secret not in found.stdout + found.stderr
+    clean = subprocess.run([sys.executable, "-m", "broker", "scan", "clean.py"], cwd=root, capture_output=True,
+                           text=True, timeout=60)
+    assert clean.returncode == 0
