@@ -22,6 +22,7 @@ DEFAULT_AUDIT_LOG: Final = "/var/log/broker/audit.jsonl"
 DEFAULT_TOKEN_TTL: Final = 300
 DEFAULT_ROTATE_EVERY: Final = 3600
 DEFAULT_MAX_CONNECTIONS: Final = 1024
+DEFAULT_MAX_CONNECTIONS_PER_UID: Final = 128
 DEFAULT_KV_REFRESH: Final = 300
 DEFAULT_MAX_STALENESS: Final = 600
 SECRET_KINDS: Final = ("kv", "database", "pki", "token")
@@ -109,6 +110,8 @@ class BrokerSettings:
     rotate_every: int
     max_connections: int
     require_native: bool = False  # refuse to start on the pure-Python token engine
+    # One local user must not be able to take every connection slot from the others.
+    max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +259,7 @@ def _kind(value: object) -> str:
 
 def _parse_broker(c: _Checker, raw: Any) -> BrokerSettings | None:
     allowed = ("trust_domain", "socket", "audit_log", "token_ttl", "algorithm", "rotate_every",
-               "max_connections", "require_native")
+               "max_connections", "max_connections_per_uid", "require_native")
     t = c.table(raw, "broker", allowed)
     if t is None:
         return None
@@ -274,10 +277,12 @@ def _parse_broker(c: _Checker, raw: Any) -> BrokerSettings | None:
     ttl = c.duration(t, "broker", "token_ttl", DEFAULT_TOKEN_TTL, lo=1, hi=MAX_TTL)
     rotate = c.duration(t, "broker", "rotate_every", DEFAULT_ROTATE_EVERY, lo=MIN_ROTATE, hi=MAX_ROTATE)
     conns = c.ranged_int(t, "broker", "max_connections", 1, 65536)
+    per_uid = c.ranged_int(t, "broker", "max_connections_per_uid", 1, 65536)
     native = c.get(t, "broker", "require_native", bool, False)
     if td is None or sock is None or audit is None or alg not in ALGORITHMS:
         return None
-    return BrokerSettings(td, sock, audit, ttl, str(alg), rotate, conns or DEFAULT_MAX_CONNECTIONS, bool(native))
+    return BrokerSettings(td, sock, audit, ttl, str(alg), rotate, conns or DEFAULT_MAX_CONNECTIONS, bool(native),
+                          per_uid or DEFAULT_MAX_CONNECTIONS_PER_UID)
 
 
 def _parse_caller(c: _Checker, raw: Any, path: str) -> CallerRule | None:

@@ -53,13 +53,16 @@ SERVER_OPTIONS: Final = [
     ("grpc.max_send_message_length", 4 * 1024 * 1024),
     ("grpc.max_metadata_size", 16 * 1024),
     ("grpc.max_concurrent_streams", 256),
+    # A connection idle this long is closed, freeing its front-door slot (clients reconnect on demand).
+    ("grpc.max_connection_idle_ms", 10 * 60 * 1000),
 ]
 SERVICE_NAMES: Final = (
     broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name,
     workload_pb2.DESCRIPTOR.services_by_name["SpiffeWorkloadAPI"].full_name,
 )
 # Settings a running daemon cannot change in place: a reload that changes them is refused.
-RESTART_ONLY: Final = ("trust_domain", "socket", "algorithm", "rotate_every", "max_connections", "audit_log")
+RESTART_ONLY: Final = ("trust_domain", "socket", "algorithm", "rotate_every", "max_connections",
+                       "max_connections_per_uid", "audit_log")
 
 
 VAULT_HEALTH_SERVICE: Final = "broker.vault"
@@ -146,7 +149,7 @@ class Daemon:
         internal = os.path.join(internal_dir, "grpc.sock")
         server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=4096,
                                  interceptors=[Instrument(self.metrics)])
-        frontdoor = self._frontdoor = FrontDoor(listener, internal, b.max_connections)
+        frontdoor = self._frontdoor = FrontDoor(listener, internal, b.max_connections, b.max_connections_per_uid)
         rt = self._rt = Runtime(self.config, self.ring, self.audit, frontdoor, self._clock, metrics=self.metrics)
         self.metrics.add_collector(FuncCollector(lambda: {
             "connections": frontdoor.connections, "accepted": frontdoor.accepted, "refused": frontdoor.refused,

@@ -58,7 +58,8 @@ def bind_public(path: str) -> socket.socket:
 class FrontDoor:
     """Accepts on ``listener`` and relays each connection to the gRPC server at ``internal_path``."""
 
-    def __init__(self, listener: socket.socket, internal_path: str, max_connections: int) -> None:
+    def __init__(self, listener: socket.socket, internal_path: str, max_connections: int,
+                 max_per_uid: int | None = None) -> None:
         self._listener = listener
         # Non-blocking, so a connection that vanished between poll and accept cannot stall the thread.
         listener.setblocking(False)
@@ -67,11 +68,15 @@ class FrontDoor:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._internal = internal_path
         self._max = max_connections
+        self._max_per_uid = max_per_uid or max_connections
+        self._per_uid: dict[int, int] = {}
         self._ids = itertools.count(1)
         # name -> credentials; written by the accept thread, removed by the pump thread, read by the
         # request handlers. Single dict operations are atomic, so no lock is needed on the read path.
         self._peers: dict[str, PeerCred] = {}
         self._names: dict[int, str] = {}
+        # The accept thread increments and the pump thread decrements: a read-modify-write needs a lock.
+        self._uid_lock = threading.Lock()
         self._pump = _pump.make_pump(self._closed)
         self._thread = threading.Thread(target=self._accept_loop, name="broker-frontdoor", daemon=True)
         self._stopping = False
@@ -120,7 +125,14 @@ class FrontDoor:
     def _closed(self, pair_id: int) -> None:
         name = self._names.pop(pair_id, None)
         if name is not None:
-            self._peers.pop(name, None)
+            cred = self._peers.pop(name, None)
+            if cred is not None:
+                with self._uid_lock:
+                    left = self._per_uid.get(cred.uid, 1) - 1
+                    if left > 0:
+                        self._per_uid[cred.uid] = left
+                    else:
+                        self._per_uid.pop(cred.uid, None)
 
     def _accept_loop(self) -> None:
         poller = select.poll()
@@ -164,6 +176,14 @@ class FrontDoor:
             log.warning("front door: refusing a connection: %s", exc.reason)
             conn.close()
             return
+        with self._uid_lock:
+            held = self._per_uid.get(cred.uid, 0)
+            if held >= self._max_per_uid:
+                self.refused += 1
+                log.warning("front door: uid %d already holds %d connections, refusing another", cred.uid, held)
+                conn.close()
+                return
+            self._per_uid[cred.uid] = held + 1
         name = _ABSTRACT_PREFIX + secrets.token_hex(12)
         up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -173,6 +193,8 @@ class FrontDoor:
         except OSError:
             up.close()
             conn.close()
+            with self._uid_lock:
+                self._per_uid[cred.uid] -= 1
             raise
         pair_id = next(self._ids)
         # Record the identity before the first byte can reach the server.

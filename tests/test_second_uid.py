@@ -7,8 +7,10 @@ import json
 import os
 import pwd
 import secrets
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -78,3 +80,26 @@ def test_second_uid_is_denied_and_locked_out_of_the_internal_socket(
         assert as_user(throwaway_user, "revoke", sock, stdin=root_token + "\n")["revoked"] == 0
         with Client(sock) as c:
             assert c.verify(root_token, "read_ticket")["wf"] == "root-only"
+
+
+def test_one_uid_cannot_take_every_connection(short_tmp: str, throwaway_user: pwd.struct_passwd) -> None:
+    os.chmod(short_tmp, 0o755)
+    path = os.path.join(short_tmp, "broker.toml")
+    with open(path, "w") as f:
+        f.write(config_text(short_tmp, [WorkflowSpec("agent", callers=[{"user": throwaway_user.pw_name}],
+                                                     tools=[{"name": "t"}])], max_connections_per_uid=2))
+    sock = os.path.join(short_tmp, "broker.sock")
+    with running_daemon(path, sock, os.path.join(short_tmp, "audit.jsonl")) as d:
+        time.sleep(0.3)  # let the readiness probe's connection close
+        held = []
+        for _ in range(3):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(sock)
+            held.append(s)
+        held[2].settimeout(5)
+        assert held[2].recv(1) == b""  # root's third connection: refused by the per-uid cap
+        # ... while another local user still gets served.
+        assert as_user(throwaway_user, "mint", sock, "agent", "t")["token"] is True
+        assert "uid 0 already holds 2 connections" in d.log()
+        for s in held:
+            s.close()
