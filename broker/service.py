@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
+from secrets import token_hex as secrets_token_hex
 from typing import Any, Final, NoReturn, Protocol
 
 import grpc
@@ -67,6 +68,8 @@ class Secrets(Protocol):
     async def refresh(self, workflow: str, tool: str) -> SecretValue: ...
 
     def watch(self, workflow: str, tool: str) -> AsyncIterator[SecretValue]: ...
+
+    def watch_run(self, workflow: str, tool: str, run: str) -> AsyncIterator[SecretValue]: ...
 
 
 class Admin(Protocol):
@@ -334,8 +337,10 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def WatchSecret(self, request: pb.GetSecretRequest,
                           context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[pb.Secret]:
         secrets, caller = await self._secret_grant(request, context)
+        stream = (secrets.watch_run(request.workflow, request.tool, secrets_token_hex(8)) if request.per_run
+                  else secrets.watch(request.workflow, request.tool))
         try:
-            async for value in secrets.watch(request.workflow, request.tool):
+            async for value in stream:
                 yield self._secret_reply(request, caller, value)
         except NoSecretConfigured:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"tool {request.tool!r} has no secret")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -114,13 +114,15 @@ class AsyncClient:
         return secret_value(await self._call(self._stub.GetSecret, pb.GetSecretRequest(
             workflow=wf, tool=tool, refresh=refresh)))
 
-    async def watch_secret(self, tool: str, *, workflow: str | None = None) -> AsyncIterator[SecretValue]:
-        """The credential now, then the full new one at every rotation."""
+    async def watch_secret(self, tool: str, *, workflow: str | None = None, per_run: bool = False
+                           ) -> AsyncGenerator[SecretValue, None]:
+        """The credential now, then the full new one at every rotation. ``per_run``: a leased credential of
+        this stream's own, revoked when the stream ends."""
         wf = workflow or self._workflow
         if not wf:
             raise BrokerError("no workflow: pass workflow= to AsyncClient() or watch_secret()")
         try:
-            async for msg in self._stub.WatchSecret(pb.GetSecretRequest(workflow=wf, tool=tool)):
+            async for msg in self._stub.WatchSecret(pb.GetSecretRequest(workflow=wf, tool=tool, per_run=per_run)):
                 yield secret_value(msg)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:

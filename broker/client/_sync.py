@@ -141,13 +141,15 @@ class Client:
         return secret_value(self._call(self._stub.GetSecret, pb.GetSecretRequest(workflow=wf, tool=tool,
                                                                                  refresh=refresh)))
 
-    def watch_secret(self, tool: str, *, workflow: str | None = None) -> Iterator[SecretValue]:
-        """The credential now, then the full new one at every rotation."""
+    def watch_secret(self, tool: str, *, workflow: str | None = None, per_run: bool = False
+                     ) -> Iterator[SecretValue]:
+        """The credential now, then the full new one at every rotation. ``per_run``: a leased credential of
+        this stream's own, revoked when the stream ends."""
         wf = workflow or self._workflow
         if not wf:
             raise BrokerError("no workflow: pass workflow= to Client() or watch_secret()")
         try:
-            for msg in self._stub.WatchSecret(pb.GetSecretRequest(workflow=wf, tool=tool)):
+            for msg in self._stub.WatchSecret(pb.GetSecretRequest(workflow=wf, tool=tool, per_run=per_run)):
                 yield secret_value(msg)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
@@ -58,6 +58,8 @@ class _Credential:
     has_secret: bool = False
     secret_key: tuple[int, str] = (0, "")  # (version, lease id) of the secret on disk
     secret_expires: float = 0.0
+    # This run's own secret stream: the daemon revokes the lease it carries when the stream ends.
+    secret_stream: AsyncGenerator[SecretValue, None] | None = None
     minted: Minted | None = None
     refresh_at: float = 0.0
     backoff: float = 0.5
@@ -112,9 +114,7 @@ class Sidecar:
             self._store(cred, await self._retry_until_ready(functools.partial(self._mint, cred)))
             if cred.has_secret:
                 # The upstream credential (from Vault) goes next to the token, as JSON.
-                secret = await self._retry_until_ready(
-                    functools.partial(self._client.secret, cred.tool, workflow=self._o.workflow))
-                self._store_secret(cred, secret)
+                self._store_secret(cred, await self._retry_until_ready(functools.partial(self._open_secret, cred)))
         self._dir.bump()
 
     async def _retry_until_ready(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -154,17 +154,32 @@ class Sidecar:
         cred.secret_key, cred.secret_expires = key, secret.expires_at or 0.0
         return True
 
+    async def _open_secret(self, cred: _Credential) -> SecretValue:
+        """Open this run's own secret stream and return its first value."""
+        stream = self._client.watch_secret(cred.tool, workflow=self._o.workflow, per_run=True)
+        try:
+            first = await anext(stream)
+        except BaseException:
+            await stream.aclose()
+            raise
+        cred.secret_stream = stream
+        return first
+
     async def _follow_secret(self, cred: _Credential) -> None:
         """Swap the secret file at every rotation the daemon pushes; drop it once it has expired."""
         backoff = 0.2
         while True:
             try:
-                async for secret in self._client.watch_secret(cred.tool, workflow=self._o.workflow):
+                if cred.secret_stream is None and self._store_secret(cred, await self._open_secret(cred)):
+                    self._publish(files=True, env=False)
+                assert cred.secret_stream is not None
+                async for secret in cred.secret_stream:
                     backoff = 0.2
                     if self._store_secret(cred, secret):
                         self._publish(files=True, env=False)
-            except BrokerError as exc:
+            except (BrokerError, StopAsyncIteration) as exc:
                 log.warning("broker exec: secret stream for %s interrupted (%s)", cred.tool, exc)
+            cred.secret_stream = None
             if cred.secret_expires and self._clock() >= cred.secret_expires and self._dir is not None:
                 log.error("broker exec: secret for %s expired and could not be renewed; removed it", cred.tool)
                 self._dir.remove(f"{cred.tool}.secret.json")
@@ -289,6 +304,11 @@ class Sidecar:
             backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def _finish(self) -> None:
+        for cred in self._creds:
+            if cred.secret_stream is not None:
+                # Ending the stream is the daemon's signal to revoke the lease issued to this run.
+                with contextlib.suppress(Exception):
+                    await cred.secret_stream.aclose()
         tokens = [t for c in self._creds for t in c.issued]
         if tokens:
             # Tell the daemon this run is over: its tokens stop verifying now, not at their expiry.

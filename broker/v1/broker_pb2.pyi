@@ -131,14 +131,16 @@ class StatusResponse(_message.Message):
     def __init__(self, status_json: _Optional[str] = ...) -> None: ...
 
 class GetSecretRequest(_message.Message):
-    __slots__ = ("workflow", "tool", "refresh")
+    __slots__ = ("workflow", "tool", "refresh", "per_run")
     WORKFLOW_FIELD_NUMBER: _ClassVar[int]
     TOOL_FIELD_NUMBER: _ClassVar[int]
     REFRESH_FIELD_NUMBER: _ClassVar[int]
+    PER_RUN_FIELD_NUMBER: _ClassVar[int]
     workflow: str
     tool: str
     refresh: bool
-    def __init__(self, workflow: _Optional[str] = ..., tool: _Optional[str] = ..., refresh: _Optional[bool] = ...) -> None: ...
+    per_run: bool
+    def __init__(self, workflow: _Optional[str] = ..., tool: _Optional[str] = ..., refresh: _Optional[bool] = ..., per_run: _Optional[bool] = ...) -> None: ...
 
 class Secret(_message.Message):
     __slots__ = ("workflow", "tool", "kind", "data", "version", "lease_id", "expires_at", "renewable")

@@ -122,7 +122,7 @@ class SecretManager:
         # Re-read KV at least twice per staleness window, so one failed read never makes it stale.
         self._kv_poll = min(float(kv_refresh), max_staleness / 2)
         self._request_timeout = request_timeout
-        rng = rng or random.SystemRandom()
+        rng = self._rng = rng or random.SystemRandom()
         self._entries = {
             (wf.name, tool.name): _Entry(wf.name, tool.name, tool.secret, Backoff(rng, cap=RETRY_CAP))
             for wf in workflows.values() for tool in wf.tools.values() if tool.secret is not None
@@ -209,6 +209,39 @@ class SecretManager:
                     yield value
         finally:
             entry.watchers.discard(watcher)
+
+    async def watch_run(self, workflow: str, tool: str, run: str) -> AsyncIterator[SecretValue]:
+        """Like :meth:`watch`, for one run (a ``broker exec`` session): a leased kind gets a credential of its
+        own, renewed and rotated like any other, and revoked in Vault as soon as the iterator closes, so
+        what a run was issued ends with the run. KV secrets carry no lease and are shared as with watch."""
+        shared = self._entry(workflow, tool)
+        if shared.spec.kind == "kv":
+            async for value in self.watch(workflow, tool):
+                yield value
+            return
+        key = (workflow, f"{tool}@{run}")
+        entry = _Entry(workflow, key[1], shared.spec, Backoff(self._rng, cap=RETRY_CAP))
+        self._entries[key] = entry
+        watcher = _Watcher()
+        entry.watchers.add(watcher)
+        try:
+            last = await self._fetch(entry)
+            yield last
+            while True:
+                value = await watcher.next()
+                if value is not last:
+                    last = value
+                    yield value
+        finally:
+            entry.watchers.discard(watcher)
+            # Shielded: the stream is usually closing because it was cancelled, and the revocation must
+            # still happen (the entry leaves the books only once its leases are queued for revocation).
+            await asyncio.shield(self._end_run(key, entry))
+
+    async def _end_run(self, key: tuple[str, str], entry: _Entry) -> None:
+        await self._drop(entry, SecretUnavailable(f"secret for {entry.name} unavailable: run ended", "run ended"))
+        self._entries.pop(key, None)
+        await self._retry_revocations()
 
     def _entry(self, workflow: str, tool: str) -> _Entry:
         entry = self._entries.get((workflow, tool))

@@ -158,3 +158,41 @@ def test_minting_survives_vault_going_away(short_tmp: str, bao: OpenBao, admin: 
         st = json.loads(subprocess.run([sys.executable, "-m", "broker", "status", "--json", "--socket", d.socket],
                                        capture_output=True, text=True, check=True).stdout)
         assert st["degraded"], st
+
+
+def test_each_run_gets_its_own_lease_revoked_when_it_ends(short_tmp: str, bao: OpenBao, admin: hvac.Client,
+                                                          creds_dir: str, broker_policy: str) -> None:
+    tools = [{"name": "child", "secret": {"kind": "token", "policies": ["crm-read"], "ttl": "10m"}}]
+    cfg = start(short_tmp, bao, make_role(admin, creds_dir, policies=[broker_policy, "crm-read"]), "runs", tools)
+    root = hvac.Client(url=bao.address, token=bao.token)
+
+    def run() -> tuple[subprocess.Popen[str], str]:
+        p = subprocess.Popen([sys.executable, "-m", "broker", "exec", "--socket", cfg[1], "--workflow", "w", "--",
+                              sys.executable, CHILD, "", "-", "60", "0"], stdout=subprocess.PIPE, text=True)
+        assert p.stdout is not None
+        start_event = json.loads(p.stdout.readline())
+        with open(os.path.join(start_event["dir"], "child.secret.json")) as f:
+            return p, json.load(f)["data"]["token"]
+
+    with running_daemon(*cfg):
+        a, token_a = run()
+        b, token_b = run()
+        try:
+            assert token_a != token_b  # one credential per run, not one shared by every run
+            assert root.auth.token.lookup(token_a)["data"]["policies"] == ["crm-read", "default"]
+            a.send_signal(signal.SIGTERM)
+            assert a.wait(30) == 0
+            deadline = time.monotonic() + 15
+            while True:  # the daemon revokes run a's lease when its stream ends
+                try:
+                    root.auth.token.lookup(token_a)
+                except hvac.exceptions.Forbidden:
+                    break
+                assert time.monotonic() < deadline, "run a's child token was not revoked"
+                time.sleep(0.2)
+            assert root.auth.token.lookup(token_b)["data"]["id"] == token_b  # run b is untouched
+        finally:
+            for p in (a, b):
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+                    p.wait(30)
