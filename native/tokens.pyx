@@ -24,6 +24,21 @@ cdef extern from "Python.h":
     bint PyUnicode_IS_COMPACT_ASCII(object o)
     void *PyUnicode_DATA(object o)
     int PyObject_GenericSetAttr(object o, object name, object value) except -1
+    str PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef *d_member
+    ctypedef struct PyTypeObject:
+        PyObject *(*tp_alloc)(PyTypeObject *, Py_ssize_t)
+    void Py_INCREF(PyObject *o)
+    void Py_XDECREF(PyObject *o)
+
+cdef extern from "structmember.h":
+    ctypedef struct PyMemberDef:
+        int type
+        Py_ssize_t offset
+        int flags
+    int T_OBJECT_EX
+    int READONLY
 
 from tokens cimport buf_t, cursor_t
 
@@ -141,14 +156,6 @@ cdef void b64_encode_into(const uint8_t *src, Py_ssize_t n, uint8_t *dst):
         dst[0] = _B64[(v >> 18) & 63]
         dst[1] = _B64[(v >> 12) & 63]
         dst[2] = _B64[(v >> 6) & 63]
-
-
-cdef int buf_b64(buf_t *b, const uint8_t *src, Py_ssize_t n) except -1:
-    cdef Py_ssize_t m = b64_len(n)
-    buf_reserve(b, m)
-    b64_encode_into(src, n, b.data + b.len)
-    b.len += m
-    return 0
 
 
 cdef Py_ssize_t b64_decode_into(const uint8_t *src, Py_ssize_t n, uint8_t *dst) noexcept:
@@ -329,57 +336,106 @@ cdef inline bint _is_str_seq(object v):
 
 
 cdef str _mint_problem(object c):
-    # Same checks, order and words as _pure._mint_problem.
-    cdef str name
-    for name in ("iss", "sub", "jti", "tenant", "wf"):
-        if not isinstance(getattr(c, name), str):
-            return f"claim {name} must be a string"
-    for name in ("iat", "nbf", "exp"):
-        if not _is_int(getattr(c, name)):
-            return f"claim {name} must be an integer"
-    if not _is_str_seq(c.aud) or not c.aud:
+    # Same checks, order and words as _pure._mint_problem; unrolled, as attribute reads by literal name
+    # cost a fraction of getattr() with a name from a loop.
+    if not isinstance(c.iss, str):
+        return "claim iss must be a string"
+    if not isinstance(c.sub, str):
+        return "claim sub must be a string"
+    if not isinstance(c.jti, str):
+        return "claim jti must be a string"
+    if not isinstance(c.tenant, str):
+        return "claim tenant must be a string"
+    if not isinstance(c.wf, str):
+        return "claim wf must be a string"
+    if not _is_int(c.iat):
+        return "claim iat must be an integer"
+    if not _is_int(c.nbf):
+        return "claim nbf must be an integer"
+    if not _is_int(c.exp):
+        return "claim exp must be an integer"
+    aud = c.aud
+    if not _is_str_seq(aud) or not aud:
         return "claim aud must be a non-empty sequence of strings"
-    if c.tool is not None:
-        if not isinstance(c.tool, str):
+    tool = c.tool
+    if tool is not None:
+        if not isinstance(tool, str):
             return "claim tool must be a string or None"
-        for name in ("act", "dst"):
-            if not _is_str_seq(getattr(c, name)):
-                return f"claim {name} must be a sequence of strings"
+        if not _is_str_seq(c.act):
+            return "claim act must be a sequence of strings"
+        if not _is_str_seq(c.dst):
+            return "claim dst must be a sequence of strings"
+    return None
+
+
+cdef str _mint_problem_v(object iss, object sub, object aud, object iat, object nbf, object exp, object jti,
+                        object tenant, object wf, object tool, object act, object dst):
+    # _mint_problem on values already read (from the slots of an exact Claims).
+    if not isinstance(iss, str):
+        return "claim iss must be a string"
+    if not isinstance(sub, str):
+        return "claim sub must be a string"
+    if not isinstance(jti, str):
+        return "claim jti must be a string"
+    if not isinstance(tenant, str):
+        return "claim tenant must be a string"
+    if not isinstance(wf, str):
+        return "claim wf must be a string"
+    if not _is_int(iat):
+        return "claim iat must be an integer"
+    if not _is_int(nbf):
+        return "claim nbf must be an integer"
+    if not _is_int(exp):
+        return "claim exp must be an integer"
+    if not _is_str_seq(aud) or not aud:
+        return "claim aud must be a non-empty sequence of strings"
+    if tool is not None:
+        if not isinstance(tool, str):
+            return "claim tool must be a string or None"
+        if not _is_str_seq(act):
+            return "claim act must be a sequence of strings"
+        if not _is_str_seq(dst):
+            return "claim dst must be a sequence of strings"
     return None
 
 
 cdef int enc_claims(buf_t *b, object c) except -1:
-    # Key order of Claims.to_json_dict, which the pure engine serialises with json.dumps.
-    cdef object aud = c.aud
     cdef object tool = c.tool
+    return enc_claims_v(b, c.iss, c.sub, c.aud, c.iat, c.nbf, c.exp, c.jti, c.tenant, c.wf, tool,
+                        c.act if tool is not None else (), c.dst if tool is not None else ())
+
+
+cdef int enc_claims_v(buf_t *b, object iss, object sub, object aud, object iat, object nbf, object exp,
+                      object jti, object tenant, object wf, object tool, object act, object dst) except -1:
+    # Key order of Claims.to_json_dict, which the pure engine serialises with json.dumps.
     buf_put(b, b'{"iss":', 7)
-    enc_str(b, c.iss)
+    enc_str(b, iss)
     buf_put(b, b',"sub":', 7)
-    enc_str(b, c.sub)
+    enc_str(b, sub)
     buf_put(b, b',"aud":', 7)
     if len(aud) == 1:
         enc_str(b, aud[0])
     else:
         enc_str_list(b, aud)
     buf_put(b, b',"iat":', 7)
-    enc_int(b, c.iat)
+    enc_int(b, iat)
     buf_put(b, b',"nbf":', 7)
-    enc_int(b, c.nbf)
+    enc_int(b, nbf)
     buf_put(b, b',"exp":', 7)
-    enc_int(b, c.exp)
+    enc_int(b, exp)
     buf_put(b, b',"jti":', 7)
-    enc_str(b, c.jti)
+    enc_str(b, jti)
     buf_put(b, b',"tenant":', 10)
-    enc_str(b, c.tenant)
+    enc_str(b, tenant)
     buf_put(b, b',"wf":', 6)
-    enc_str(b, c.wf)
+    enc_str(b, wf)
     if tool is not None:
         buf_put(b, b',"tool":', 8)
         enc_str(b, tool)
         buf_put(b, b',"act":', 7)
-        enc_str_list(b, c.act)
+        enc_str_list(b, act)
         buf_put(b, b',"dst":', 7)
-        enc_str_list(b, c.dst)
+        enc_str_list(b, dst)
     buf_byte(b, b'}')
     return 0
 
@@ -500,20 +556,44 @@ cdef tuple _KNOWN_KEYS = ("iss", "sub", "aud", "iat", "nbf", "exp", "jti", "tena
                           "dst", "alg", "kid", "typ")
 
 
-cdef str j_key(cursor_t *c):
-    # c.p is just past the opening quote. Only a plain ASCII name of a known key is shortcut; anything
-    # else (escapes included, so "\u0069ss" still decodes to the same str) takes j_string.
+# The same names as C data, so j_key compares bytes without touching a Python object.
+cdef enum:
+    _N_KNOWN = 15
+cdef Py_ssize_t _known_len[_N_KNOWN]
+cdef char _known_txt[_N_KNOWN][8]
+
+
+cdef void _init_known():
+    cdef int i
+    cdef bytes t
+    for i in range(_N_KNOWN):
+        t = (<str>_KNOWN_KEYS[i]).encode("ascii")
+        _known_len[i] = len(t)
+        memcpy(_known_txt[i], PyBytes_AS_STRING(t), len(t))
+
+
+assert len(_KNOWN_KEYS) == _N_KNOWN and max(len(k) for k in _KNOWN_KEYS) <= 7
+_init_known()
+
+
+cdef str j_key(cursor_t *c, int *idx):
+    # c.p is just past the opening quote. Only a plain ASCII name of a known key is shortcut (idx is set to
+    # its index in _KNOWN_KEYS, else to -1); anything else (escapes included, so "\u0069ss" still decodes to
+    # the same str) takes j_string.
     cdef const uint8_t *q = c.p
     cdef Py_ssize_t n
+    cdef int i
     cdef str k
+    idx[0] = -1
     while q < c.end and q - c.p < 7 and 0x61 <= q[0] <= 0x7A:
         q += 1
     if q < c.end and q[0] == b'"':
         n = q - c.p
-        for k in _KNOWN_KEYS:
-            if len(k) == n and memcmp(PyUnicode_DATA(k), c.p, n) == 0:
+        for i in range(_N_KNOWN):
+            if _known_len[i] == n and memcmp(_known_txt[i], c.p, n) == 0:
                 c.p = q + 1
-                return k
+                idx[0] = i
+                return <str>_KNOWN_KEYS[i]
     return j_string(c)
 
 
@@ -521,12 +601,19 @@ cdef str j_string(cursor_t *c):
     # c.p is just past the opening quote.
     cdef const uint8_t *start = c.p
     cdef const uint8_t *p = start
-    cdef uint8_t ch
+    cdef uint8_t ch, hi = 0
+    cdef str out
     while p < c.end:
         ch = p[0]
         if ch == b'"':
             c.p = p + 1
+            if hi < 0x80:
+                # Plain ASCII (the usual claim): copied into a new str, no UTF-8 decoder needed.
+                out = PyUnicode_New(p - start, 127)
+                memcpy(PyUnicode_DATA(out), start, p - start)
+                return out
             return _utf8(start, p - start)
+        hi |= ch
         if ch == b'\\':
             return j_string_escaped(c, start)
         if ch < 0x20:
@@ -616,8 +703,13 @@ cdef int _enter(cursor_t *c) except -1:
 
 
 cdef dict j_object(cursor_t *c):
+    # The top-level object is a claim set (a dozen members): sized for it up front, not grown twice.
+    # A plain dict: presizing needs a private CPython call that newer versions do not export.
     cdef dict out = {}
     cdef str key
+    cdef int idx
+    cdef uint32_t seen = 0  # the known keys met so far, by index: their duplicates are found without a lookup
+    cdef bint other = False  # a key that did not take j_key's shortcut is in out (maybe a known name, escaped)
     _enter(c)
     if c.p < c.end and c.p[0] == b'}':
         c.p += 1
@@ -627,15 +719,20 @@ cdef dict j_object(cursor_t *c):
         if c.p >= c.end or c.p[0] != b'"':
             raise InvalidToken("malformed JSON")
         c.p += 1
-        key = j_key(c)
+        key = j_key(c, &idx)
         skip_ws(c)
         if c.p >= c.end or c.p[0] != b':':
             raise InvalidToken("malformed JSON")
         c.p += 1
-        if PyDict_Contains(out, key):
+        # A known key given once as plain text and once with escapes is found by the dict lookup.
+        if (idx >= 0 and seen & ((<uint32_t>1) << idx)) or ((idx < 0 or other) and PyDict_Contains(out, key)):
             # Two parsers could pick different duplicates; refuse instead of guessing.
             raise InvalidToken(f"duplicate JSON key {key!r}")
         PyDict_SetItem(out, key, j_value(c))
+        if idx >= 0:
+            seen |= (<uint32_t>1) << idx
+        else:
+            other = True
         skip_ws(c)
         if c.p < c.end and c.p[0] == b',':
             c.p += 1
@@ -691,10 +788,15 @@ def parse_json(bytes raw not None):
 # Signatures
 
 cdef bytes _der_to_raw(bytes der):
+    cdef uint8_t out[64]
+    _der_into(der, out)
+    return PyBytes_FromStringAndSize(<const char *>out, 64)
+
+
+cdef int _der_into(bytes der, uint8_t *out) except -1:
     # ECDSA-Sig-Value ::= SEQUENCE { r INTEGER, s INTEGER } with short-form lengths (P-256 fits in 72 bytes).
     cdef const uint8_t *d = <const uint8_t *>PyBytes_AS_STRING(der)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(der), i = 2, j, k, ln
-    cdef uint8_t out[64]
     if n < 8 or d[0] != 0x30 or d[1] != n - 2:
         raise BrokerError("unexpected ECDSA signature encoding")
     for k in range(2):
@@ -714,7 +816,7 @@ cdef bytes _der_to_raw(bytes der):
             out[k * 32 + j] = 0
         memcpy(out + k * 32 + 32 - ln, d + i, ln)
         i += ln
-    return PyBytes_FromStringAndSize(<const char *>out, 64)
+    return 0
 
 
 cdef Py_ssize_t _der_int(const uint8_t *x, uint8_t *dst) noexcept:
@@ -806,26 +908,60 @@ cdef int _header(buf_t *b, object key, bint with_kid, object typ) except -1:
     return buf_byte(b, b'}')
 
 
-cdef bytes _sign_compact(object key, const uint8_t *payload, Py_ssize_t n, bint with_kid, object typ):
-    cdef buf_t js, out
-    cdef bytes signing_input, sig
+# The base64url header segment of the last key minted with (alg, kid, typ "JWT"): it depends on those two
+# strings only, and a broker mints with one key for a long time. One tuple, replaced whole.
+cdef tuple _mint_hdr = (None, None, b"")
+
+
+cdef bytes _header_seg(object key, bint with_kid, object typ):
+    global _mint_hdr
+    cdef buf_t js
+    cdef tuple memo = _mint_hdr
+    cdef bint memo_ok = with_kid and type(typ) is str and typ == "JWT"
+    alg = key.alg
+    kid = key.kid if with_kid else None
+    if memo_ok and memo[0] is alg and memo[1] is kid:
+        return <bytes>memo[2]
     js.data = NULL
-    out.data = NULL
     try:
         buf_init(&js, 128)
-        buf_init(&out, 128 + b64_len(n) + 90)
         _header(&js, key, with_kid, typ)
-        buf_b64(&out, js.data, js.len)
-        buf_byte(&out, b'.')
-        buf_b64(&out, payload, n)
-        signing_input = PyBytes_FromStringAndSize(<const char *>out.data, out.len)
-        sig = _sign(key, signing_input)
-        buf_byte(&out, b'.')
-        buf_b64(&out, <const uint8_t *>PyBytes_AS_STRING(sig), PyBytes_GET_SIZE(sig))
-        return PyBytes_FromStringAndSize(<const char *>out.data, out.len)
+        seg = PyBytes_FromStringAndSize(NULL, b64_len(js.len))
+        b64_encode_into(js.data, js.len, <uint8_t *>PyBytes_AS_STRING(seg))
     finally:
         PyMem_Free(js.data)
-        PyMem_Free(out.data)
+    if memo_ok and type(alg) is str and type(kid) is str:
+        _mint_hdr = (alg, kid, seg)
+    return seg
+
+
+cdef bytes _sign_compact(object key, const uint8_t *payload, Py_ssize_t n, bint with_kid, object typ):
+    # The signing input is written straight into its bytes object (its length is known up front), and the
+    # token into another; an ES256 signature goes from DER to r||s on the stack.
+    cdef bytes hseg = _header_seg(key, with_kid, typ)
+    cdef Py_ssize_t h = PyBytes_GET_SIZE(hseg), m = h + 1 + b64_len(n), sl
+    cdef bytes signing_input = PyBytes_FromStringAndSize(NULL, m)
+    cdef bytes sig, out
+    cdef uint8_t *q = <uint8_t *>PyBytes_AS_STRING(signing_input)
+    cdef uint8_t rs[64]
+    cdef const uint8_t *sp
+    memcpy(q, PyBytes_AS_STRING(hseg), h)
+    q[h] = b'.'
+    b64_encode_into(payload, n, q + h + 1)
+    if key.alg == _ES256:
+        _der_into(key.private.sign(signing_input, _ECDSA), rs)
+        sp = rs
+        sl = 64
+    else:
+        sig = _sign(key, signing_input)
+        sp = <const uint8_t *>PyBytes_AS_STRING(sig)
+        sl = PyBytes_GET_SIZE(sig)
+    out = PyBytes_FromStringAndSize(NULL, m + 1 + b64_len(sl))
+    q = <uint8_t *>PyBytes_AS_STRING(out)
+    memcpy(q, PyBytes_AS_STRING(signing_input), m)
+    q[m] = b'.'
+    b64_encode_into(sp, sl, q + m + 1)
+    return out
 
 
 def sign_compact(key, const uint8_t[::1] payload not None, *, bint kid=True, typ="JWT"):
@@ -841,13 +977,41 @@ def sign_compact(key, const uint8_t[::1] payload not None, *, bint kid=True, typ
 def mint(key, claims):
     """Encode and sign ``claims`` with ``key`` as a JWS compact token."""
     cdef buf_t b
-    problem = _mint_problem(claims)
+    cdef PyObject **slots
+    cdef Py_ssize_t i
+    cdef bint direct = _claims_fast and type(claims) is _Claims
+    if direct:
+        # An exact Claims: its fields are read straight from its slots (all must be set; otherwise the
+        # attribute reads below raise as the pure engine's do).
+        for i in range(12):
+            if (<PyObject **>((<char *><PyObject *>claims) + _claim_off[i]))[0] == NULL:
+                direct = False
+                break
+    if direct:
+        iss = _slot(claims, 0)
+        sub = _slot(claims, 1)
+        aud = _slot(claims, 2)
+        iat = _slot(claims, 3)
+        nbf = _slot(claims, 4)
+        exp = _slot(claims, 5)
+        jti = _slot(claims, 6)
+        tenant = _slot(claims, 7)
+        wf = _slot(claims, 8)
+        tool = _slot(claims, 9)
+        act = _slot(claims, 10)
+        dst = _slot(claims, 11)
+        problem = _mint_problem_v(iss, sub, aud, iat, nbf, exp, jti, tenant, wf, tool, act, dst)
+    else:
+        problem = _mint_problem(claims)
     if problem is not None:
         # A programming error of the caller, not a token failure: raised as the plain root error.
         raise BrokerError(f"cannot mint: {problem}")
     buf_init(&b, 512)
     try:
-        enc_claims(&b, claims)
+        if direct:
+            enc_claims_v(&b, iss, sub, aud, iat, nbf, exp, jti, tenant, wf, tool, act, dst)
+        else:
+            enc_claims(&b, claims)
         return _sign_compact(key, b.data, b.len, True, "JWT")
     finally:
         PyMem_Free(b.data)
@@ -864,23 +1028,21 @@ cdef bytes _raw(object token):
     return bytes(token)
 
 
-cdef tuple _verify_signature(bytes raw, object keys):
-    cdef const uint8_t *t = <const uint8_t *>PyBytes_AS_STRING(raw)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(raw), d1, d2
-    cdef const uint8_t *dot
-    cdef dict header
+# The last header segment that passed the header checks, with its alg, kid and parsed header: the checks
+# are a function of the segment's bytes alone, and a verifier sees the same few segments over and over.
+# One tuple, replaced whole, so a reader never sees a half-updated memo.
+cdef tuple _hdr_memo = (b"", None, None, None)
+
+
+cdef object _check_header(const uint8_t *t, Py_ssize_t d1):
+    # (alg, kid, header) of the header segment t[:d1], or raises with the pure engine's reason.
+    global _hdr_memo
+    cdef tuple memo = _hdr_memo
+    cdef bytes seg = <bytes>memo[0]
     cdef bytes h_json
-    cdef PyObject *found
-    if n > _MAX_TOKEN:
-        raise InvalidToken("token too large")
-    dot = <const uint8_t *>memchr(t, b'.', n)
-    if dot == NULL:
-        raise InvalidToken("not a JWS compact token")
-    d1 = dot - t
-    dot = <const uint8_t *>memchr(t + d1 + 1, b'.', n - d1 - 1)
-    if dot == NULL or memchr(dot + 1, b'.', n - (dot - t) - 1) != NULL:
-        raise InvalidToken("not a JWS compact token")
-    d2 = dot - t
+    cdef dict header
+    if PyBytes_GET_SIZE(seg) == d1 and d1 and memcmp(PyBytes_AS_STRING(seg), t, d1) == 0:
+        return memo
     h_json = _b64decode(t, d1)
     header = _parse_json(<const uint8_t *>PyBytes_AS_STRING(h_json), PyBytes_GET_SIZE(h_json))
     if len(header) > 3 or not header.keys() <= _HEADER_KEYS:
@@ -894,6 +1056,32 @@ cdef tuple _verify_signature(bytes raw, object keys):
         raise InvalidToken("alg missing")
     if kid is not None and not isinstance(kid, str):
         raise InvalidToken("kid is not a string")
+    memo = (PyBytes_FromStringAndSize(<const char *>t, d1), alg, kid, header)
+    _hdr_memo = memo
+    return memo
+
+
+cdef tuple _verify_sig(bytes raw, object keys, Py_ssize_t *d2_out):
+    # Checks the framing, header and signature of raw; returns the header memo (see _check_header) and
+    # sets d2_out to where the payload segment ends (it starts just past the first dot).
+    cdef const uint8_t *t = <const uint8_t *>PyBytes_AS_STRING(raw)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(raw), d1, d2
+    cdef const uint8_t *dot
+    cdef tuple memo
+    cdef PyObject *found
+    if n > _MAX_TOKEN:
+        raise InvalidToken("token too large")
+    dot = <const uint8_t *>memchr(t, b'.', n)
+    if dot == NULL:
+        raise InvalidToken("not a JWS compact token")
+    d1 = dot - t
+    dot = <const uint8_t *>memchr(t + d1 + 1, b'.', n - d1 - 1)
+    if dot == NULL or memchr(dot + 1, b'.', n - (dot - t) - 1) != NULL:
+        raise InvalidToken("not a JWS compact token")
+    d2 = dot - t
+    memo = <tuple>_check_header(t, d1)
+    alg = memo[1]
+    kid = memo[2]
     if isinstance(keys, _VerifyKey):
         if kid is not None and kid != keys.kid:
             raise InvalidToken("kid does not match the key")
@@ -912,7 +1100,17 @@ cdef tuple _verify_signature(bytes raw, object keys):
     if alg != key.alg:
         raise InvalidToken("alg does not match the key")
     _check_signature(key, alg, PyBytes_FromStringAndSize(<const char *>t, d2), t + d2 + 1, n - d2 - 1)
-    return header, _b64decode(t + d1 + 1, d2 - d1 - 1)
+    d2_out[0] = d2
+    return memo
+
+
+cdef tuple _verify_signature(bytes raw, object keys):
+    cdef Py_ssize_t d2 = 0
+    cdef tuple memo = _verify_sig(raw, keys, &d2)
+    cdef const uint8_t *t = <const uint8_t *>PyBytes_AS_STRING(raw)
+    cdef const uint8_t *p = <const uint8_t *>memchr(t, b'.', d2) + 1
+    # A copy: the memo's dict is shared, the caller's is its own.
+    return dict(<dict>memo[3]), _b64decode(p, d2 - (p - t))
 
 
 def verify_signature(token, keys):
@@ -947,8 +1145,81 @@ cdef tuple _strs(dict d, str name):
     return tuple(<list>v)
 
 
+# The slot offsets of Claims' fields, in declaration order, read once from its member descriptors. With
+# them a Claims is one allocation and twelve pointer stores; if the class ever stops being a plain slotted
+# class (checked here), _parse_claims falls back to setting the slots through the descriptors.
+cdef tuple _CLAIM_FIELDS = ("iss", "sub", "aud", "iat", "nbf", "exp", "jti", "tenant", "wf", "tool", "act",
+                            "dst")
+cdef Py_ssize_t _claim_off[12]
+cdef bint _claims_fast = False
+
+
+cdef bint _init_claim_offsets():
+    cdef Py_ssize_t i
+    cdef PyMemberDef *m
+    if type(_Claims) is not type or _Claims.__new__ is not object.__new__ \
+            or tuple(_Claims.__dict__.get("__slots__", ())) != _CLAIM_FIELDS \
+            or hasattr(_Claims, "__post_init__"):
+        return False
+    member_descr = type(_Claims.__dict__["iss"])
+    if member_descr.__name__ != "member_descriptor":
+        return False
+    for i in range(12):
+        descr = _Claims.__dict__[_CLAIM_FIELDS[i]]
+        if type(descr) is not member_descr or descr.__objclass__ is not _Claims:
+            return False
+        m = (<PyMemberDescrObject *><PyObject *>descr).d_member
+        if m.type != T_OBJECT_EX or m.flags & READONLY or m.offset <= 0:
+            return False
+        _claim_off[i] = m.offset
+    return True
+
+
+_claims_fast = _init_claim_offsets()
+
+
+cdef inline void _put_slot(PyObject *o, Py_ssize_t off, object v) noexcept:
+    cdef PyObject **slot = <PyObject **>((<char *>o) + off)
+    Py_INCREF(<PyObject *>v)
+    Py_XDECREF(slot[0])
+    slot[0] = <PyObject *>v
+
+
+cdef inline object _slot(object c, int i):
+    # Field i of an exact Claims whose slots are all set (the caller checked): a new reference.
+    return <object>(<PyObject **>((<char *><PyObject *>c) + _claim_off[i]))[0]
+
+
+cdef object _new_claims(object iss, object sub, object aud, object iat, object nbf, object exp, object jti,
+                        object tenant, object wf, object tool, object act, object dst):
+    cdef PyTypeObject *tp = <PyTypeObject *>_Claims
+    cdef PyObject *o = tp.tp_alloc(tp, 0)
+    if o == NULL:
+        raise MemoryError()
+    # tp_alloc returned a new reference: hand it to a Python variable, which owns it from here.
+    c = <object>o
+    Py_XDECREF(o)
+    _put_slot(o, _claim_off[0], iss)
+    _put_slot(o, _claim_off[1], sub)
+    _put_slot(o, _claim_off[2], aud)
+    _put_slot(o, _claim_off[3], iat)
+    _put_slot(o, _claim_off[4], nbf)
+    _put_slot(o, _claim_off[5], exp)
+    _put_slot(o, _claim_off[6], jti)
+    _put_slot(o, _claim_off[7], tenant)
+    _put_slot(o, _claim_off[8], wf)
+    _put_slot(o, _claim_off[9], tool)
+    _put_slot(o, _claim_off[10], act)
+    _put_slot(o, _claim_off[11], dst)
+    return c
+
+
 cdef object _parse_claims(bytes payload):
-    cdef dict d = _parse_json(<const uint8_t *>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+    return _claims_from(<const uint8_t *>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+
+
+cdef object _claims_from(const uint8_t *p, Py_ssize_t n):
+    cdef dict d = _parse_json(p, n)
     cdef object aud = d.get("aud")
     cdef tuple auds
     if isinstance(aud, str):
@@ -972,6 +1243,8 @@ cdef object _parse_claims(bytes payload):
     dst = _strs(d, "dst")
     # Claims is a frozen, slotted dataclass without __post_init__: filling its slots directly is what its
     # generated __init__ does, at a fraction of the cost (the tests compare the two).
+    if _claims_fast:
+        return _new_claims(iss, sub, auds, iat, nbf, exp, jti, tenant, wf, tool, act, dst)
     c = _Claims.__new__(_Claims)
     PyObject_GenericSetAttr(c, "iss", iss)
     PyObject_GenericSetAttr(c, "sub", sub)
@@ -1019,10 +1292,28 @@ def check_claims(claims, expect, now):
     _check_claims(claims, expect, now)
 
 
+cdef enum:
+    _PAYLOAD_MAX = 6144
+
+if _MAX_TOKEN * 3 // 4 > _PAYLOAD_MAX:
+    raise ImportError("MAX_TOKEN_BYTES outgrew the payload buffer of verify")
+
+
 def verify(token, keys, expect, now):
     """Check ``token`` fully; return its claims or raise :class:`InvalidToken` (reason inside)."""
-    _, payload = _verify_signature(_raw(token), keys)
-    claims = _parse_claims(payload)
+    cdef bytes raw = _raw(token)
+    cdef Py_ssize_t d2 = 0
+    _verify_sig(raw, keys, &d2)
+    cdef const uint8_t *t = <const uint8_t *>PyBytes_AS_STRING(raw)
+    cdef const uint8_t *p = <const uint8_t *>memchr(t, b'.', d2) + 1
+    cdef uint8_t buf[_PAYLOAD_MAX]
+    cdef Py_ssize_t m
+    # The payload is decoded into the stack and parsed from there: no bytes object in between. It fits:
+    # the token is at most _MAX_TOKEN bytes, so its payload segment decodes to at most 3/4 of that.
+    m = b64_decode_into(p, d2 - (p - t), buf)
+    if m < 0:
+        raise InvalidToken("non-canonical base64url")
+    claims = _claims_from(buf, m)
     _check_claims(claims, expect, now)
     return claims
 

@@ -60,6 +60,29 @@ def test_parsed_claims_equal_constructed() -> None:
     payload = _pure.b64decode(_pure.mint(tokens.hmac_key(derived_secret("c"), "c"), claims).split(b".")[1])
     parsed = _native.parse_claims(payload)
     assert parsed == claims and hash(parsed) == hash(claims) and repr(parsed) == repr(claims)
+    assert all(getattr(parsed, f) is not None or getattr(claims, f) is None for f in claims.__slots__)
+
+
+@pytest.mark.parametrize("kid", [True, False])
+def test_repeated_header_is_checked_the_same(engine: ModuleType, kid: bool) -> None:
+    # The native engine remembers the last header it checked (minting and verifying): repeats, a switch
+    # of key and a caller mutating the returned header must change nothing.
+    keys = [tokens.hmac_key(derived_secret(name), name) for name in ("h1", "h2")]
+    for _ in range(2):
+        for key in keys:
+            token = engine.sign_compact(key, b"{}", kid=kid)
+            assert token == _pure.sign_compact(key, b"{}", kid=kid)
+            header, payload = engine.verify_signature(token, key.verify_key)
+            assert payload == b"{}" and header == ({"alg": "HS256", "kid": key.kid, "typ": "JWT"} if kid
+                                                   else {"alg": "HS256", "typ": "JWT"})
+            header["alg"] = "none"
+    token = engine.sign_compact(keys[0], b"{}")
+    with pytest.raises(InvalidToken) as unknown:
+        engine.verify_signature(token, {keys[1].kid: keys[1].verify_key})
+    assert unknown.value.reason == "unknown kid"
+    with pytest.raises(InvalidToken) as mismatch:
+        engine.verify_signature(token, keys[1].verify_key)
+    assert mismatch.value.reason == "kid does not match the key"
 
 
 @pytest.mark.parametrize(("bad", "problem"), [
