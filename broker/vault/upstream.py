@@ -196,19 +196,8 @@ class SecretManager:
     async def watch(self, workflow: str, tool: str) -> AsyncIterator[SecretValue]:
         """The current credential, then the full new one at every rotation, until the workflow is revoked
         or the broker stops (then SecretUnavailable is raised). Close the iterator to unsubscribe."""
-        entry = self._entry(workflow, tool)
-        watcher = _Watcher()
-        entry.watchers.add(watcher)
-        try:
-            last = await self.get(workflow, tool)
-            yield last
-            while True:
-                value = await watcher.next()
-                if value is not last:
-                    last = value
-                    yield value
-        finally:
-            entry.watchers.discard(watcher)
+        async for value in self._follow(self._entry(workflow, tool)):
+            yield value
 
     async def watch_run(self, workflow: str, tool: str, run: str) -> AsyncIterator[SecretValue]:
         """Like :meth:`watch`, for one run (a ``broker exec`` session): a leased kind gets a credential of its
@@ -216,16 +205,25 @@ class SecretManager:
         what a run was issued ends with the run. KV secrets carry no lease and are shared as with watch."""
         shared = self._entry(workflow, tool)
         if shared.spec.kind == "kv":
-            async for value in self.watch(workflow, tool):
+            async for value in self._follow(shared):
                 yield value
             return
         key = (workflow, f"{tool}@{run}")
         entry = _Entry(workflow, key[1], shared.spec, Backoff(self._rng, cap=RETRY_CAP))
         self._entries[key] = entry
+        try:
+            async for value in self._follow(entry):
+                yield value
+        finally:
+            # Shielded: the stream is usually closing because it was cancelled, and the revocation must
+            # still happen (the entry leaves the books only once its leases are queued for revocation).
+            await asyncio.shield(self._end_run(key, entry))
+
+    async def _follow(self, entry: _Entry) -> AsyncIterator[SecretValue]:
         watcher = _Watcher()
         entry.watchers.add(watcher)
         try:
-            last = await self._fetch(entry)
+            last = self._servable(entry) or await self._fetch(entry)
             yield last
             while True:
                 value = await watcher.next()
@@ -234,9 +232,6 @@ class SecretManager:
                     yield value
         finally:
             entry.watchers.discard(watcher)
-            # Shielded: the stream is usually closing because it was cancelled, and the revocation must
-            # still happen (the entry leaves the books only once its leases are queued for revocation).
-            await asyncio.shield(self._end_run(key, entry))
 
     async def _end_run(self, key: tuple[str, str], entry: _Entry) -> None:
         await self._drop(entry, SecretUnavailable(f"secret for {entry.name} unavailable: run ended", "run ended"))
