@@ -239,6 +239,10 @@ def test_metrics_endpoint(short_tmp: str) -> None:
             c.mint("w", "nope")
         with pytest.raises(PermissionDenied):
             c.mint("no-such-workflow-" + "x" * 50, "t1")
+        # The caller sees a denial as soon as the status is sent; the handler's timing is recorded just
+        # after, so wait until all five MintToken calls are counted.
+        count = 'broker_rpc_duration_seconds_count{method="MintToken"} 5.0'
+        wait_for(lambda: count in scrape_metrics(metrics_sock))
         text = scrape_metrics(metrics_sock)
     for t in tokens:
         assert t not in text and t.split(".")[2] not in text
