@@ -26,12 +26,13 @@ async def run(make_call: Callable[[int], Awaitable[Callable[[], Awaitable[None]]
     calls = [await make_call(i) for i in range(concurrency)]
     latencies: list[float] = []
     errors = 0
+    completed = 0  # every call, warm-up included, to divide CPU time by
     start = time.perf_counter()
     measure_from = start + WARMUP
     stop_at = measure_from + duration
 
     async def client(call: Callable[[], Awaitable[None]]) -> None:
-        nonlocal errors
+        nonlocal errors, completed
         while True:
             t0 = time.perf_counter()
             if t0 >= stop_at:
@@ -42,6 +43,7 @@ async def run(make_call: Callable[[int], Awaitable[Callable[[], Awaitable[None]]
                 errors += 1
                 continue
             t1 = time.perf_counter()
+            completed += 1
             if t0 >= measure_from:
                 latencies.append(t1 - t0)
 
@@ -52,7 +54,8 @@ async def run(make_call: Callable[[int], Awaitable[Callable[[], Awaitable[None]]
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
     return {"requests": len(latencies), "errors": errors, "seconds": duration,
             "rps": len(latencies) / duration, "p50_us": q[49] * 1e6, "p99_us": q[98] * 1e6,
-            "client_cpu_s": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)}
+            "completed": completed,
+            "client_cpu_us": ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / max(completed, 1) * 1e6}
 
 
 def grpc_factory(target: str, rpc: str) -> Callable[[int], Awaitable[Callable[[], Awaitable[None]]]]:

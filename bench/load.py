@@ -9,7 +9,8 @@ process, every client on its own connection):
 * ``openbao/token``    OpenBao ``auth/token/create`` (a child token) on a real dev server, over HTTP;
 * ``openbao/transit``  OpenBao ``transit/sign`` with an ECDSA P-256 key (the same primitive as ES256).
 
-and prints requests/s and p50/p99 latency, plus the ratios the design targets are stated in:
+and prints requests/s, p50/p99 latency and CPU time per request of the server process (all its threads,
+and its main thread alone) and of the load generator, plus the ratios the design targets are stated in:
 mint vs the empty call of the same server (>= 0.8x), broker vs OpenBao (>= 5x), front door cost (<= 15%).
 
     .venv/bin/python bench/load.py [--duration 3] [--concurrency 1,8,32] [--no-openbao] [--json FILE]
@@ -37,15 +38,31 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 AGENT_UID = (pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid) if os.geteuid() == 0 else None
 
 
-def loadgen(args: list[str], concurrency: int, duration: float, env: dict[str, str] | None = None) -> dict[str, float]:
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time of a process (all threads), or of one of its threads, from /proc."""
+    with open(f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def loadgen(args: list[str], concurrency: int, duration: float, env: dict[str, str] | None = None,
+            server_pid: int | None = None, python_server: bool = True) -> dict[str, float]:
     if args[0] == "--grpc" and AGENT_UID is not None and "internal" not in args[1]:
         args = [*args, "--as-uid", str(AGENT_UID[0]), "--as-gid", str(AGENT_UID[1])]
+    cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
+    # The main thread runs the event loop: every Python handler and grpc.aio's own per-call work.
+    loop0 = cpu_seconds(server_pid, server_pid) if server_pid else 0.0
     r = subprocess.run([sys.executable, os.path.join(HERE, "_loadgen.py"), *args, "--concurrency",
                         str(concurrency), "--duration", str(duration)], capture_output=True, text=True,
                        env={**os.environ, **(env or {})}, check=False, timeout=duration + 120)
     if r.returncode != 0:
         raise RuntimeError(f"load generator failed: {r.stderr[-2000:]}")
     result: dict[str, float] = json.loads(r.stdout)
+    if server_pid:
+        # Includes connection set-up, so it slightly overstates the per-request cost.
+        result["server_cpu_us"] = (cpu_seconds(server_pid) - cpu0) / max(result["completed"], 1) * 1e6
+        if python_server:
+            result["loop_cpu_us"] = (cpu_seconds(server_pid, server_pid) - loop0) / max(result["completed"], 1) * 1e6
     return result
 
 
@@ -76,23 +93,28 @@ def main() -> int:
             internal = os.path.join(d, internal_dir, "grpc.sock")
             for c in levels:
                 cells = {
-                    "empty/direct": loadgen(["--grpc", f"unix:{internal}", "--rpc", "empty"], c, args.duration),
-                    "empty/frontdoor": loadgen(["--grpc", f"unix:{sock}", "--rpc", "empty"], c, args.duration),
-                    "mint/frontdoor": loadgen(["--grpc", f"unix:{sock}", "--rpc", "mint"], c, args.duration),
+                    "empty/direct": loadgen(["--grpc", f"unix:{internal}", "--rpc", "empty"], c, args.duration,
+                                            server_pid=daemon.proc.pid),
+                    "empty/frontdoor": loadgen(["--grpc", f"unix:{sock}", "--rpc", "empty"], c, args.duration,
+                                            server_pid=daemon.proc.pid),
+                    "mint/frontdoor": loadgen(["--grpc", f"unix:{sock}", "--rpc", "mint"], c, args.duration,
+                                              server_pid=daemon.proc.pid),
                 }
                 if bao is not None:
                     env = {"BENCH_BAO_TOKEN": bao.token}
                     cells["openbao/token"] = loadgen(
                         ["--http", f"{bao.address}/v1/auth/token/create",
-                         "--body", json.dumps({"ttl": "5m", "policies": ["default"]})], c, args.duration, env=env)
+                         "--body", json.dumps({"ttl": "5m", "policies": ["default"]})], c, args.duration,
+                        env=env, server_pid=bao.proc.pid, python_server=False)
                     cells["openbao/transit"] = loadgen(
                         ["--http", f"{bao.address}/v1/transit/sign/bench",
                          "--body", json.dumps({"input": base64.b64encode(b"x" * 200).decode()})],
-                        c, args.duration, env=env)
+                        c, args.duration, env=env, server_pid=bao.proc.pid, python_server=False)
                 for name, cell in cells.items():
                     rows.append({"concurrency": c, "workload": name, **cell})
                     print(f"c={c:<3} {name:<16} {cell['rps']:8.0f}/s  p50 {cell['p50_us']:7.0f} us  "
-                          f"p99 {cell['p99_us']:7.0f} us  errors {cell['errors']}", flush=True)
+                          f"p99 {cell['p99_us']:7.0f} us  errors {cell['errors']}  cpu/req server "
+                          f"{cell.get('server_cpu_us', 0):5.0f} us client {cell['client_cpu_us']:5.0f} us", flush=True)
             log = daemon.log()
     print()
     print(markdown(rows, levels))
@@ -117,12 +139,16 @@ def markdown(rows: list[dict[str, object]], levels: list[int]) -> str:
     def get(c: int, w: str) -> dict[str, object] | None:
         return next((r for r in rows if r["concurrency"] == c and r["workload"] == w), None)
 
-    out = ["| clients | workload | req/s | p50 us | p99 us | errors |", "|---:|---|---:|---:|---:|---:|"]
+    out = ["| clients | workload | req/s | p50 us | p99 us | errors | server CPU us/req | of which main thread "
+           "| client CPU us/req |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        loop = f"{r['loop_cpu_us']:.0f}" if "loop_cpu_us" in r else "-"  # OpenBao is not a Python server
         out.append(f"| {r['concurrency']} | {r['workload']} | {r['rps']:.0f} | {r['p50_us']:.0f} | "
-                   f"{r['p99_us']:.0f} | {r['errors']} |")
+                   f"{r['p99_us']:.0f} | {r['errors']} | {r.get('server_cpu_us', 0):.0f} | {loop} | "
+                   f"{r['client_cpu_us']:.0f} |")
     out += ["", "| clients | mint / empty (same server, front door) | front door cost (empty) | "
-                "broker mint / OpenBao token | broker mint / OpenBao transit sign |", "|---:|---:|---:|---:|---:|"]
+                "broker mint / OpenBao token | broker mint / OpenBao transit sign | "
+                "server CPU per request, OpenBao token / broker mint |", "|---:|---:|---:|---:|---:|---:|"]
     for c in levels:
         mint, empty, direct, bao, transit = (get(c, w) for w in (
             "mint/frontdoor", "empty/frontdoor", "empty/direct", "openbao/token", "openbao/transit"))
@@ -131,7 +157,9 @@ def markdown(rows: list[dict[str, object]], levels: list[int]) -> str:
         cost = 1 - float(empty["rps"]) / float(direct["rps"])  # type: ignore[arg-type]
         vs_bao = f"{float(mint['rps']) / float(bao['rps']):.1f}x" if bao else "n/a"  # type: ignore[arg-type]
         vs_transit = f"{float(mint['rps']) / float(transit['rps']):.1f}x" if transit else "n/a"  # type: ignore[arg-type]
-        out.append(f"| {c} | {ratio:.2f}x | {cost * 100:+.1f}% | {vs_bao} | {vs_transit} |")
+        cpu = (f"{float(bao['server_cpu_us']) / float(mint['server_cpu_us']):.1f}x"  # type: ignore[arg-type]
+               if bao else "n/a")
+        out.append(f"| {c} | {ratio:.2f}x | {cost * 100:+.1f}% | {vs_bao} | {vs_transit} | {cpu} |")
     return "\n".join(out)
 
 

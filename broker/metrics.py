@@ -53,6 +53,15 @@ class Metrics:
                                        ["method", "outcome"], registry=r,
                                        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, 1, 5))
         self._server: HTTPServer | socketserver.UnixStreamServer | None = None
+        # labels() validates and locks on every call; the mint path asks for the same few children.
+        # Bounded: only (workflow, tool) pairs that passed policy get here.
+        self._mint_children: dict[tuple[str, str], Counter] = {}
+
+    def count_mint(self, workflow: str, tool: str) -> None:
+        child = self._mint_children.get((workflow, tool))
+        if child is None:
+            child = self._mint_children[workflow, tool] = self.mints.labels(workflow, tool)
+        child.inc()
 
     def observe_vault(self, method: str, seconds: float, ok: bool) -> None:
         self.vault_seconds.labels(method, "ok" if ok else "error").observe(seconds)

@@ -233,7 +233,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
         now = int(rt.clock())
         token, jti, exp = rt.mint(grant, (audience,), now)
-        rt.metrics.mints.labels(request.workflow, request.tool).inc()
+        rt.metrics.count_mint(request.workflow, request.tool)
         rt.audit.record("mint", **fields, **caller.audit_fields(), jti=jti, exp=exp, kid=rt.ring.current.kid,
                         decision="allow", reason="policy")
         return pb.MintTokenResponse(token=token.decode("ascii"), jti=jti, expires_at=exp, issued_at=now)
