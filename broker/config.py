@@ -397,6 +397,11 @@ def _parse_vault(c: _Checker, raw: Any) -> VaultSettings | None:
     if address is not None and not address.startswith(("https://", "http://")):
         c.fail("vault.address", f"must be an http(s) URL, got {address!r}")
     ca_file = c.get(t, "vault", "ca_file", str)
+    if ca_file is not None and not ca_file.startswith("/"):
+        c.fail("vault.ca_file", f"must be an absolute path, got {ca_file!r}")
+    elif ca_file is not None and address is not None and not address.startswith("https://"):
+        # Fail closed: a CA file next to a plain-HTTP address reads as "TLS is on" when it is not.
+        c.fail("vault.ca_file", "only applies to an https:// address")
     instance = c.matching(t, "vault", "instance", _NAME_RE, what="instance name") or ""
     kv_mount = c.matching(t, "vault", "kv_mount", _VAULT_PATH_RE, what="mount") or "secret"
     jwks_path = c.matching(t, "vault", "jwks_path", _VAULT_PATH_RE, what="path") or "broker/jwks"

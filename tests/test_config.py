@@ -191,6 +191,9 @@ def test_vault_and_tool_secrets() -> None:
     cfg = config.parse(GOOD + SECRETS + VAULT)
     assert cfg.vault is not None
     assert cfg.vault.address == "https://vault.internal:8200" and cfg.vault.kv_refresh == 30
+    assert cfg.vault.ca_file is None
+    with_ca = config.parse(GOOD + VAULT.replace(b"kv_refresh", b'ca_file = "/etc/broker/vault-ca.pem"\nkv_refresh'))
+    assert with_ca.vault is not None and with_ca.vault.ca_file == "/etc/broker/vault-ca.pem"
     assert cfg.vault.auth.method == "approle" and cfg.vault.auth.secret_id_file == "/etc/broker/secret_id"
     tools = cfg.workflows["support-summarize"].tools
     assert tools["crm_read"].secret == config.SecretSpec("kv", path="secret/crm/readonly", field="api_key")
@@ -207,6 +210,9 @@ def test_vault_and_tool_secrets() -> None:
     (VAULT.replace(b'  secret_id_file = "/etc/broker/secret_id"\n', b""), "vault.auth.secret_id_file: required"),
     (VAULT.replace(b'"https://vault.internal:8200"', b'"vault.internal"'), "vault.address: must be an http(s) URL"),
     (VAULT.replace(b'"/etc/broker/role_id"', b'"role_id"'), "vault.auth.role_id_file: must be an absolute path"),
+    (VAULT.replace(b'kv_refresh', b'ca_file = "ca.pem"\nkv_refresh'), "vault.ca_file: must be an absolute path"),
+    (VAULT.replace(b'https://', b'http://').replace(b'kv_refresh', b'ca_file = "/etc/ca.pem"\nkv_refresh'),
+     "vault.ca_file: only applies to an https:// address"),
     (VAULT + b'[[workflow.tool]]\nname = "x"\nsecret = { kind = "ssh" }\n', ".secret.kind: must be one of"),
     (VAULT + b'[[workflow.tool]]\nname = "x"\nsecret = { kind = "kv" }\n', ".secret.path: required for kind 'kv'"),
     (VAULT + b'[[workflow.tool]]\nname = "x"\nsecret = { kind = "kv", path = "a/../b" }\n', ".secret.path: invalid"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
@@ -21,7 +22,7 @@ import hvac
 import requests
 import urllib3
 
-from broker.vault._errors import VaultRequestError, VaultUnavailable
+from broker.vault._errors import VaultError, VaultRequestError, VaultUnavailable
 
 DEFAULT_TIMEOUT: Final = 10.0
 # Vault's answers to our requests are a few KiB (a certificate chain at most); refuse anything huge.
@@ -35,6 +36,8 @@ class VaultTransport:
 
     def __init__(self, address: str, *, ca_file: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.address = address.rstrip("/")
+        if ca_file is not None:
+            _check_ca_file(ca_file)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vault-http")
         self._client = hvac.Client(url=self.address, token="", verify=ca_file or True, timeout=timeout,
                                    adapter=hvac.adapters.RawAdapter)
@@ -59,6 +62,9 @@ class VaultTransport:
             with response:
                 # Read at most one byte past the cap: a peer that streams forever cannot exhaust memory.
                 raw = response.raw.read(MAX_ANSWER_BYTES + 1, decode_content=True)
+        except requests.exceptions.SSLError:
+            raise VaultUnavailable(f"TLS with Vault at {self.address} failed: its certificate is not trusted "
+                                   "(vault.ca_file names the CA that signed it) or the handshake broke") from None
         except requests.RequestException as exc:
             raise VaultUnavailable(f"cannot reach Vault at {self.address}: {type(exc).__name__}") from None
         except (OSError, ValueError, urllib3.exceptions.HTTPError) as exc:  # the body broke off mid-read
@@ -91,3 +97,14 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
+
+
+def _check_ca_file(path: str) -> None:
+    """Load the CA bundle once up front: a missing or broken file is a configuration error to report
+    at start, not a connection failure to retry forever."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except ssl.SSLError:  # before OSError, which it subclasses
+        raise VaultError(f"vault.ca_file {path} holds no usable PEM certificate") from None
+    except OSError as exc:
+        raise VaultError(f"cannot read vault.ca_file {path}: {exc.strerror or exc}") from None
