@@ -1,8 +1,9 @@
 """Vault's secret engines as the broker uses them: issue, renew and revoke one credential per kind.
 
-kv (KV v2: read a version), database (dynamic user with a lease), pki (certificate + key; no lease,
-the certificate's notAfter is its end), token (a child of the broker's token). Each function is one
-Vault request; scheduling and caching live in :mod:`broker.vault.upstream`.
+kv (KV v2: read a version), database (dynamic user with a lease), pki (certificate + key; no Vault
+lease: the certificate's notAfter is its end, and its serial number is what revokes it early), token
+(a child of the broker's token). Each function is one Vault request; scheduling and caching live in
+:mod:`broker.vault.upstream`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from broker.config import SecretSpec
 from broker.vault._errors import VaultRequestError, VaultUnavailable
 from broker.vault._value import SecretValue
+
+# Vault's warnings are one sentence; anything longer is cut before it reaches the log.
+MAX_WARNING_CHARS: Final = 300
 
 
 class Vault(Protocol):
@@ -32,14 +36,29 @@ class Vault(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """What keeps a credential alive: a Vault lease id, or (kind ``token``) the child token itself."""
+    """What ends a credential early: a Vault lease id, the child token itself (kind ``token``), or a
+    certificate's serial number (kind ``certificate``, revoked on the PKI mount that issued it)."""
 
-    kind: str  # "lease" or "token"
+    kind: str  # "lease", "token" or "certificate"
     handle: str = field(repr=False)
     ttl: int  # the duration Vault granted at issue; renewals ask for as much again
     expires_at: float
     renewable: bool
-    generation: int = 0  # the session token generation it was created under; it dies with that token
+    generation: int = 0  # the session token generation it was created under
+    mount: str = ""  # kind "certificate": the PKI mount
+
+    @property
+    def dies_with_session(self) -> bool:
+        """Vault revokes leases and child tokens with the token that created them; certificates live on."""
+        return self.kind != "certificate"
+
+    def describe(self) -> str:
+        """How an operator finds it again (for logs): lease ids and serial numbers identify, never authorise."""
+        if self.kind == "lease":
+            return self.handle
+        if self.kind == "certificate":
+            return f"{self.mount} certificate {self.handle}"
+        return "(child token)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +123,12 @@ async def _issue_database(vault: Vault, spec: SecretSpec, version: int, now: flo
     return Issued(value, Lease("lease", lease_id, ttl, now + ttl, renewable))
 
 
-async def _issue_pki(vault: Vault, spec: SecretSpec, version: int) -> Issued:
+async def _issue_pki(vault: Vault, spec: SecretSpec, version: int, now: float) -> Issued:
     request: dict[str, Any] = {"common_name": spec.common_name}
     if spec.ttl is not None:
         request["ttl"] = f"{spec.ttl}s"
-    data = _section(await vault.request("POST", f"{spec.mount or 'pki'}/issue/{spec.role}", request), "data")
+    mount = spec.mount or "pki"
+    data = _section(await vault.request("POST", f"{mount}/issue/{spec.role}", request), "data")
     chain = data.get("ca_chain") or []
     if not isinstance(chain, list) or not all(isinstance(c, str) for c in chain):
         raise VaultUnavailable("Vault's answer has a malformed 'ca_chain'")
@@ -119,8 +139,12 @@ async def _issue_pki(vault: Vault, spec: SecretSpec, version: int) -> Issued:
         "ca_chain": "\n".join(chain),
         "serial_number": _text(data, "serial_number"),
     }
-    # No lease: a short-lived certificate simply expires, and is replaced before it does.
-    return Issued(SecretValue("pki", fields, version, expires_at=float(_seconds(data, "expiration"))), None)
+    expires_at = float(_seconds(data, "expiration"))
+    # Not renewable: replaced at 2/3 of its life like any credential that cannot be extended. The
+    # serial number lets the broker revoke it when its run or workflow ends, as it does leases.
+    lease = Lease("certificate", fields["serial_number"], max(0, int(expires_at - now)), expires_at, False,
+                  mount=mount)
+    return Issued(SecretValue("pki", fields, version, expires_at=expires_at), lease)
 
 
 async def _issue_token(vault: Vault, spec: SecretSpec, label: str, version: int, now: float) -> Issued:
@@ -141,7 +165,7 @@ async def issue(vault: Vault, spec: SecretSpec, *, label: str, version: int, now
     if spec.kind == "database":
         return await _issue_database(vault, spec, version, now)
     if spec.kind == "pki":
-        return await _issue_pki(vault, spec, version)
+        return await _issue_pki(vault, spec, version, now)
     return await _issue_token(vault, spec, label, version, now)
 
 
@@ -159,8 +183,16 @@ async def renew(vault: Vault, lease: Lease, now: float) -> Lease:
     return dataclasses.replace(lease, expires_at=now + ttl)
 
 
-async def revoke(vault: Vault, lease: Lease) -> None:
+async def revoke(vault: Vault, lease: Lease) -> str | None:
+    """End ``lease`` in Vault. Returns Vault's reason when it answered but declined (a certificate about
+    to expire is not put on the CRL), None when it is revoked."""
     if lease.kind == "token":
         await vault.send_with(lease.handle, "POST", "auth/token/revoke-self")
+    elif lease.kind == "certificate":
+        body = await vault.request("POST", f"{lease.mount}/revoke", {"serial_number": lease.handle})
+        warnings = body.get("warnings")
+        if not isinstance(body.get("data"), dict) and isinstance(warnings, list) and warnings:
+            return "; ".join(str(w) for w in warnings)[:MAX_WARNING_CHARS]
     else:
         await vault.request("PUT", "sys/leases/revoke", {"lease_id": lease.handle})
+    return None

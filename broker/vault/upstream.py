@@ -10,7 +10,8 @@ manager's background task keeps it current:
   version (or new content) is a rotation. Served for ``max_staleness`` after the last successful read.
 - database, token: the lease is renewed at 2/3 of its TTL; when Vault grants less than asked (the max
   TTL is near), a new credential is issued at 2/3 of what is left. Served until the lease ends.
-- pki: a new certificate at 2/3 of the current one's lifetime. Served until its notAfter.
+- pki: a new certificate at 2/3 of the current one's lifetime. Served until its notAfter; its serial
+  number is kept like a lease, so the certificate is revoked where a lease would be.
 
 When Vault fails, the cached value keeps being served until the limits above, retries back off with
 jitter, and :attr:`SecretManager.degraded` says what is wrong; past the limit, :meth:`get` raises
@@ -151,9 +152,8 @@ class SecretManager:
         await self._retry_revocations()
         for name, lease in self._unrevoked:
             # Lease ids identify, they do not authorise: logging them lets an operator revoke by hand.
-            ident = lease.handle if lease.kind == "lease" else "(child token)"
             log.error("vault lease not revoked at shutdown secret=%s lease=%s expires_at=%d",
-                      name, ident, lease.expires_at)
+                      name, lease.describe(), lease.expires_at)
 
     async def revoke_workflow(self, workflow: str) -> None:
         """Revoke every lease held for ``workflow`` and end its watch streams; a later get issues anew."""
@@ -250,7 +250,8 @@ class SecretManager:
             return None
         if entry.spec.kind == "kv":
             until = entry.confirmed_at + self._max_staleness
-        elif entry.lease is not None and entry.lease.generation != self._vault.generation:
+        elif (entry.lease is not None and entry.lease.dies_with_session
+              and entry.lease.generation != self._vault.generation):
             return None  # made under a token that has since been replaced: revoked with it, or soon
         else:
             until = entry.lease.expires_at if entry.lease is not None else value.expires_at or math.inf
@@ -302,7 +303,8 @@ class SecretManager:
             for entry in list(self._entries.values()):
                 now = self._clock()
                 lease = entry.lease
-                if lease is not None and lease.generation != self._vault.generation and entry.reissue_at > now:
+                if (lease is not None and lease.dies_with_session and lease.generation != self._vault.generation
+                        and entry.reissue_at > now):
                     # Our token was replaced: this lease dies with the old one, so replace it now (once;
                     # if that fails, the entry's backoff paces the retries).
                     entry.reissue_at = entry.next_at = now
@@ -414,7 +416,7 @@ class SecretManager:
             if lease.expires_at <= now:
                 continue  # Vault has already ended it
             try:
-                await _engines.revoke(self._vault, lease)
+                declined = await _engines.revoke(self._vault, lease)
             except VaultRequestError as exc:
                 # 4xx: the lease or token no longer exists (or was never ours to revoke); nothing to retry.
                 log.warning("vault revocation refused secret=%s: %s", name, exc)
@@ -422,4 +424,7 @@ class SecretManager:
                 log.warning("vault revocation failed secret=%s: %s; will retry", name, exc)
                 self._unrevoked.append((name, lease))
             else:
-                log.info("vault lease revoked secret=%s kind=%s", name, lease.kind)
+                if declined:
+                    log.info("vault declined to revoke secret=%s kind=%s: %s", name, lease.kind, declined)
+                else:
+                    log.info("vault lease revoked secret=%s kind=%s", name, lease.kind)

@@ -85,6 +85,7 @@ path "secret/data/*" { capabilities = ["create", "update", "read"] }
 path "secret/metadata/*" { capabilities = ["list"] }
 path "database/creds/*" { capabilities = ["read"] }
 path "pki/issue/*" { capabilities = ["create", "update"] }
+path "pki/revoke" { capabilities = ["update"] }
 path "auth/token/create" { capabilities = ["create", "update"] }
 path "sys/leases/renew" { capabilities = ["update"] }
 path "sys/leases/revoke" { capabilities = ["update"] }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 
@@ -98,8 +99,11 @@ def test_kv_missing_path_or_field(vault_session: VaultSession, admin: hvac.Clien
     asyncio.run(main())
 
 
-def test_pki_certificate_verifies_against_ca_and_is_reissued(vault_session: VaultSession,
-                                                              pki: x509.Certificate) -> None:
+def test_pki_certificate_verifies_against_ca_and_is_reissued(vault_session: VaultSession, admin: hvac.Client,
+                                                              pki: x509.Certificate,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "broker.vault")
+
     async def main() -> None:
         session = vault_session
         mgr = SecretManager(session, workflows(cert=SecretSpec("pki", role="agents", common_name="a1.agents.internal",
@@ -118,7 +122,39 @@ def test_pki_certificate_verifies_against_ca_and_is_reissued(vault_session: Vaul
         second = await asyncio.wait_for(anext(stream), 10)
         assert second.data["serial_number"] != first.data["serial_number"]
         assert first.expires_at is not None and time.time() < first.expires_at
+        # The replaced certificate stays valid (its holder may still be swapping it in) ...
+        assert not revoked(admin, first)
         await stream.aclose()
+        await mgr.close()
+        await session.close()
+        # ... until the broker stops: then the certificates it holds are revoked, like leases. The first
+        # one is seconds from its end by now, and OpenBao may decline to list it: that is logged.
+        assert revoked(admin, second)
+        assert revoked(admin, first) or "declined to revoke secret=wf/cert kind=certificate" in caplog.text
+
+    asyncio.run(main())
+
+
+def revoked(admin: hvac.Client, value: SecretValue) -> bool:
+    cert = admin.read(f"pki/cert/{value.data['serial_number']}")
+    return int(cert["data"].get("revocation_time") or 0) > 0
+
+
+def test_pki_certificate_of_a_run_is_revoked_when_the_run_ends(vault_session: VaultSession, admin: hvac.Client,
+                                                                 pki: x509.Certificate) -> None:
+    async def main() -> None:
+        session = vault_session
+        mgr = SecretManager(session, workflows(cert=SecretSpec("pki", role="agents", common_name="a2.agents.internal",
+                                                               ttl=600)), kv_refresh=60, max_staleness=60)
+        mgr.start()
+        shared = await mgr.get("wf", "cert")
+        run = mgr.watch_run("wf", "cert", "run-1")
+        mine = await anext(run)
+        assert mine.data["serial_number"] != shared.data["serial_number"]  # a run gets its own certificate
+        assert mgr.leases == 2 and not revoked(admin, mine)
+        await run.aclose()
+        assert revoked(admin, mine) and not revoked(admin, shared)
+        assert mgr.leases == 1
         await mgr.close()
         await session.close()
 
