@@ -72,6 +72,8 @@ def _scan(args: argparse.Namespace, cfg: ScanConfig) -> tuple[list[Finding], eng
         if len(paths) > 1:
             raise UsageError("--staged and --history take at most one PATH: the repository")
         docs = gitsource.staged(paths[0]) if args.staged else gitsource.history(paths[0], args.since)
+        if args.history and not gitsource.remerge_supported():
+            print("broker scan: git older than 2.36: merge commits' own changes are not scanned", file=sys.stderr)
         return engine.scan_documents(docs, cfg, args.jobs, progress)
     refs = list(sources.worktree(paths, os.getcwd()))
     return engine.scan_files(refs, cfg, args.jobs, progress)

@@ -1,4 +1,4 @@
-"""Git sources: the staged diff (pre-commit) and every commit's added lines (history audits).
+"""Git sources: the staged diff (pre-commit) and every commit's added lines (history audits), merges included.
 
 Only added lines are scanned: a secret that a commit removes is reported for the commit that added
 it. Each (commit, file) becomes one :class:`Document` whose ``line_map`` points back at real line
@@ -20,6 +20,7 @@ _DIFF_OPTIONS: Final = ["-U0", "--no-color", "--no-ext-diff", "--no-textconv", "
                         "--dst-prefix=b/", "--diff-filter=ACMRT"]
 _HUNK: Final = re.compile(rb"^@@ -\d+(?:,\d+)? \+(\d+)(?:,(\d+))? @@")
 _COMMIT_MARK: Final = b"\x00commit "
+_REMERGE_SINCE: Final = (2, 36)
 _ESCAPES: Final = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
                    '"': '"', "\\": "\\"}
 
@@ -127,11 +128,28 @@ def staged(directory: str) -> Iterator[Document]:
     return _stream(repo_root(directory), ["diff", "--cached", *_DIFF_OPTIONS])
 
 
+def remerge_supported() -> bool:
+    """Whether git can show a merge commit's own changes (``--diff-merges=remerge``, git 2.36+)."""
+    try:
+        out = subprocess.run(["git", "--version"], capture_output=True, check=False).stdout
+    except FileNotFoundError as exc:
+        raise ScanError("git is not installed") from exc
+    found = re.search(rb"(\d+)\.(\d+)", out)
+    return found is not None and (int(found.group(1)), int(found.group(2))) >= _REMERGE_SINCE
+
+
 def history(directory: str, since: str | None) -> Iterator[Document]:
-    """Added lines of every commit (all refs), or of the commits after ``since`` up to HEAD."""
+    """Added lines of every commit (all refs), or of the commits after ``since`` up to HEAD.
+
+    A merge commit contributes what its author changed by hand: the difference between git's own
+    re-merge of its parents (conflict markers included) and the commit, so a secret typed into a
+    conflict resolution or slipped into a clean merge is found, while the lines the merged branches
+    brought are not reported twice. Needs git 2.36+; older git skips merges (the CLI says so).
+    """
     if since is not None and (since.startswith("-") or not since):
         raise UsageError(f"--since {since!r}: not a revision")
     revisions = [f"{since}..HEAD"] if since is not None else ["--all"]
+    merges = ["--diff-merges=remerge"] if remerge_supported() else []
     return _stream(repo_root(directory), [
-        "log", "-p", *_DIFF_OPTIONS, "--format=format:%x00commit %H", *revisions, "--",
+        "log", "-p", *merges, *_DIFF_OPTIONS, "--format=format:%x00commit %H", *revisions, "--",
     ])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -197,6 +198,48 @@ def test_history_finds_removed_secrets(repo: Path, token) -> None:
     assert run_scan("--history", "--since", base, cwd=repo).code == 1
     assert run_scan("--history", "--since", "no-such-rev", cwd=repo).code == 2
     assert run_scan("--staged", cwd=repo.parent).code == 2  # not a repository
+
+
+def test_history_scans_what_merge_commits_add_themselves(repo: Path, token) -> None:
+    def head() -> str:
+        return git(repo, "rev-parse", "HEAD").strip()
+
+    (repo / "app.py").write_text("a = 1\nb = 2\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "base")
+    trunk = git(repo, "rev-parse", "--abbrev-ref", "HEAD").strip()
+    git(repo, "checkout", "-qb", "side")
+    (repo / "app.py").write_text("a = 1\nb = 3\n")
+    (repo / "side.env").write_text(f"NPM={token('npm-token')}\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "side")
+    side = head()
+    git(repo, "checkout", "-q", trunk)
+    (repo / "app.py").write_text("a = 1\nb = 4\n")
+    git(repo, "commit", "-qam", "trunk")
+    # A conflicted merge whose resolution types in a secret ...
+    subprocess.run(["git", "-C", str(repo), "merge", "-q", "side"], capture_output=True, check=False)
+    (repo / "app.py").write_text(f"a = 1\nb = 5\nHF = \"{token('huggingface-token')}\"\n")
+    git(repo, "add", "app.py")
+    git(repo, "commit", "-qm", "resolve")
+    resolved = head()
+    # ... and a clean merge that slips one in (an "evil merge").
+    git(repo, "checkout", "-qb", "other", "HEAD~1")
+    (repo / "other.txt").write_text("x\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "other")
+    git(repo, "checkout", "-q", trunk)
+    git(repo, "merge", "-q", "--no-commit", "other")
+    (repo / "evil.env").write_text(f"STRIPE={token('stripe-secret-key')}\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "merge other")
+    evil = head()
+    report = run_scan("--history", "--format", "json", cwd=repo).json()
+    found = sorted((f["commit"], f["path"], f["rule"]) for f in report["findings"])
+    # Each secret once, with the commit that added it: the side branch's own secret is not reported
+    # again for the merge that brought it in.
+    assert found == sorted([(side, "side.env", "npm-token"), (resolved, "app.py", "huggingface-token"),
+                            (evil, "evil.env", "stripe-secret-key")])
 
 
 def test_wired_into_the_broker_command(tree: tuple[Path, str]) -> None:
