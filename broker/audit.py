@@ -12,6 +12,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from broker.errors import BrokerError
 from broker.logs import REQUEST_ID
 
@@ -42,9 +44,13 @@ class AuditLog:
         rid = REQUEST_ID.get()
         if rid:
             fields["request_id"] = rid
-        line = json.dumps({"time": round(self._clock(), 3), "event": event, **fields},
-                          separators=(",", ":"), default=str) + "\n"
-        data = line.encode("utf-8", "replace")
+        record = {"time": round(self._clock(), 3), "event": event, **fields}
+        try:
+            data = orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE)
+        except orjson.JSONEncodeError:
+            # orjson refuses strings that are not valid Unicode (a path read with surrogateescape);
+            # json escapes them instead, so the line is still written, byte for byte recoverable.
+            data = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode("ascii")
         with self._lock:
             written = os.write(self._fd, data)
         if written != len(data):

@@ -38,3 +38,22 @@ def test_symlink_at_audit_path_is_refused(tmp_path: object) -> None:
     with pytest.raises(BrokerError, match="cannot open audit log"):
         AuditLog(link, clock=lambda: 0.0)
     assert not os.path.exists(target)
+
+
+def test_hostile_values_cannot_forge_or_break_lines(tmp_path: object) -> None:
+    # A caller chooses its own executable path: newlines, quotes, non-UTF-8 bytes (which Python reads
+    # as surrogate escapes) and non-ASCII must each stay inside one JSON string on one line.
+    path = os.path.join(str(tmp_path), "audit.jsonl")
+    log = AuditLog(path, clock=lambda: 1.0)
+    forged = '/tmp/x\n{"event":"mint","decision":"allow"}'
+    undecodable = os.fsdecode(b"/tmp/\xff\xfeagent")
+    log.record("deny", exe=forged, decision="deny")
+    log.record("deny", exe=undecodable, decision="deny")
+    log.record("mint", exe="/opt/агент/bin/ü", decision="allow", when=os)  # not JSON: written as str()
+    log.close()
+    raw = open(path, "rb").read()
+    lines = [json.loads(x) for x in raw.splitlines()]
+    assert len(lines) == 3
+    assert lines[0]["exe"] == forged
+    assert os.fsencode(lines[1]["exe"]) == b"/tmp/\xff\xfeagent"  # recoverable byte for byte
+    assert lines[2]["exe"] == "/opt/агент/bin/ü" and lines[2]["when"] == str(os)
