@@ -135,7 +135,7 @@ class FuncCollector(Collector):
         yield GaugeMetricFamily("broker_revoked_tokens", "Revoked tokens not yet expired", value=v["revoked"])
         yield GaugeMetricFamily("broker_uptime_seconds", "Seconds since the daemon started", value=v["uptime"])
         if "vault_leases" in v:
-            yield GaugeMetricFamily("broker_vault_leases", "Vault leases and child tokens held",
+            yield GaugeMetricFamily("broker_vault_leases", "Vault leases, child tokens and certificates held",
                                     value=v["vault_leases"])
             yield GaugeMetricFamily("broker_vault_degraded", "1 while Vault cannot serve or refresh",
                                     value=v["vault_degraded"])

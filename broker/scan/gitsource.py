@@ -8,6 +8,7 @@ configuration cannot run commands or rewrite what the scanner sees.
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 from collections.abc import Iterable, Iterator
@@ -128,6 +129,7 @@ def staged(directory: str) -> Iterator[Document]:
     return _stream(repo_root(directory), ["diff", "--cached", *_DIFF_OPTIONS])
 
 
+@functools.cache
 def remerge_supported() -> bool:
     """Whether git can show a merge commit's own changes (``--diff-merges=remerge``, git 2.36+)."""
     try:

@@ -165,7 +165,7 @@ class SecretManager:
 
     @property
     def leases(self) -> int:
-        """Leases (and child tokens) held right now, for the metrics."""
+        """Leases (child tokens and certificates included) held right now, for the metrics."""
         return sum(1 for e in self._entries.values() if e.lease is not None)
 
     @property
