@@ -46,8 +46,12 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
 
 
 def loadgen(args: list[str], concurrency: int, duration: float, env: dict[str, str] | None = None,
-            server_pid: int | None = None, python_server: bool = True) -> dict[str, float]:
-    if args[0] == "--grpc" and AGENT_UID is not None and "internal" not in args[1]:
+            server_pid: int | None = None, python_server: bool = True, as_agent: bool = False) -> dict[str, float]:
+    """Run bench/_loadgen.py once; its result plus CPU per request of ``server_pid`` when given.
+
+    ``as_agent``: when root, the clients drop to the agents' user first (for the public socket).
+    """
+    if as_agent and AGENT_UID is not None:
         args = [*args, "--as-uid", str(AGENT_UID[0]), "--as-gid", str(AGENT_UID[1])]
     cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
     # The main thread runs the event loop: every Python handler and grpc.aio's own per-call work.
@@ -96,9 +100,9 @@ def main() -> int:
                     "empty/direct": loadgen(["--grpc", f"unix:{internal}", "--rpc", "empty"], c, args.duration,
                                             server_pid=daemon.proc.pid),
                     "empty/frontdoor": loadgen(["--grpc", f"unix:{sock}", "--rpc", "empty"], c, args.duration,
-                                            server_pid=daemon.proc.pid),
+                                               server_pid=daemon.proc.pid, as_agent=True),
                     "mint/frontdoor": loadgen(["--grpc", f"unix:{sock}", "--rpc", "mint"], c, args.duration,
-                                              server_pid=daemon.proc.pid),
+                                              server_pid=daemon.proc.pid, as_agent=True),
                 }
                 if bao is not None:
                     env = {"BENCH_BAO_TOKEN": bao.token}
