@@ -108,8 +108,13 @@ class PeerCred:
 def _pidfd(sock: socket.socket, pid: int) -> ProcessHandle:
     try:
         return ProcessHandle(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
-    except OSError:
-        pass  # older kernel: pin by pidfd_open plus the start time seen now and just after
+    except OSError as exc:
+        if exc.errno != errno.ENOPROTOOPT:
+            # The kernel knows the option but has no process to give (some kernels say EINVAL once
+            # the peer is reaped): its pid may already be someone else's, so pidfd_open must not run.
+            raise AttestationError(f"pid {pid}: no pidfd for the peer ({errno.errorcode.get(exc.errno, exc.errno)})"
+                                   ) from None
+    # A kernel before 6.5: pin by pidfd_open plus the start time seen now and just after.
     before = start_time(pid)
     try:
         handle = ProcessHandle(os.pidfd_open(pid))
@@ -199,11 +204,16 @@ class Caller:
 
 
 class _HashCache:
-    """sha256 of executables keyed by (device, inode, size, mtime): a binary is hashed once."""
+    """sha256 of executables keyed by (device, inode, size, mtime, ctime): a binary is hashed once.
+
+    The ctime is what makes the key trustworthy: a file's owner can set its mtime back after
+    rewriting it, but every write (and every utime) moves the ctime to now, and only the clock's
+    owner can move that back.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._items: OrderedDict[tuple[int, int, int, int], str] = OrderedDict()
+        self._items: OrderedDict[tuple[int, int, int, int, int], str] = OrderedDict()
 
     def sha256(self, pid: int) -> str | None:
         path = f"{PROC}/{pid}/exe"
@@ -211,7 +221,7 @@ class _HashCache:
             # Open first, then fstat the open file: the hash and the key describe the same inode.
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
-                key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
                 with self._lock:
                     if key in self._items:
                         self._items.move_to_end(key)
@@ -219,8 +229,11 @@ class _HashCache:
                 if st.st_size > MAX_EXE_HASH_BYTES:
                     return None
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
+                after = os.fstat(f.fileno())
         except OSError:
             return None
+        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != key[2:]:
+            return None  # rewritten while we read it: the digest describes no single version of the file
         with self._lock:
             self._items[key] = digest
             if len(self._items) > _HASH_CACHE_SIZE:

@@ -67,10 +67,23 @@ def test_peer_cred_of_a_child_process(tmp_path: object) -> None:
     assert str(exc.value) == "caller could not be attested"  # the reason never reaches str()
 
 
-def test_pidfd_fallback_pins_the_process() -> None:
+def test_pidfd_fallback_pins_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without SO_PEERPIDFD (kernels before 6.5) the pid is pinned with pidfd_open + start time."""
-    with socket.socket(socket.AF_UNIX) as unconnected:  # has no peer, so SO_PEERPIDFD fails
-        assert attest._pidfd(unconnected, os.getpid()).alive()
+    # An option number no kernel knows: getsockopt fails with ENOPROTOOPT, as SO_PEERPIDFD does there.
+    monkeypatch.setattr(attest, "SO_PEERPIDFD", 0x7FFF)
+    a, b = socket.socketpair()
+    with a, b:
+        assert attest._pidfd(a, os.getpid()).alive()
+
+
+def test_no_fallback_when_the_kernel_has_no_process_to_give(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kernel knows SO_PEERPIDFD but refuses it (no peer; some kernels say EINVAL once the peer is
+    # reaped): the pid may already name another process, so it must not be pinned by number.
+    opened: list[int] = []
+    monkeypatch.setattr(os, "pidfd_open", lambda pid, *a: opened.append(pid) or -1)
+    with socket.socket(socket.AF_UNIX) as unconnected, pytest.raises(AttestationError) as exc:
+        attest._pidfd(unconnected, os.getpid())
+    assert "no pidfd for the peer" in exc.value.reason and opened == []
 
 
 def test_changed_credentials_are_detected() -> None:
@@ -113,6 +126,37 @@ def test_exe_hash_is_cached_per_binary() -> None:
     first = attest.exe_sha256(attest.attest(me()))
     assert first is not None and len(first) == 64
     assert attest.exe_sha256(attest.attest(me())) == first
+
+
+def test_rewritten_binary_with_its_old_mtime_is_hashed_again(tmp_path: object) -> None:
+    # The owner of a binary rewrites it in place (same size) and sets its mtime back: the cached hash
+    # of the old content must not be reused for the new one.
+    exe = os.path.join(str(tmp_path), "agent")
+    with open("/bin/sleep", "rb") as f:
+        original = f.read()
+    with open(exe, "wb") as f:
+        f.write(original)
+    os.chmod(exe, 0o755)
+    first = subprocess.Popen([exe, "30"])
+    try:
+        cred = attest.PeerCred(first.pid, os.geteuid(), os.getegid(), attest.ProcessHandle(os.pidfd_open(first.pid)))
+        assert attest.exe_sha256(attest.attest(cred)) == hashlib.sha256(original).hexdigest()
+    finally:
+        first.kill()
+        first.wait()
+    st = os.stat(exe)
+    changed = bytearray(original)
+    changed[-64:] = bytes(64)  # other bytes, same size
+    with open(exe, "r+b") as f:
+        f.write(changed)
+    os.utime(exe, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = subprocess.Popen([exe, "30"])
+    try:
+        cred = attest.PeerCred(second.pid, os.geteuid(), os.getegid(), attest.ProcessHandle(os.pidfd_open(second.pid)))
+        assert attest.exe_sha256(attest.attest(cred)) == hashlib.sha256(changed).hexdigest()
+    finally:
+        second.kill()
+        second.wait()
 
 
 def test_credentials_come_from_the_pidfd_when_the_kernel_can() -> None:
