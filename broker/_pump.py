@@ -15,9 +15,11 @@ Semantics shared by both twins (the tests run against each):
   still the caller's. After ``stop()`` it raises :class:`~broker.errors.BrokerError`.
 * Each direction has a 64 KiB buffer. A side is read only while its buffer has room, so a slow reader
   stalls the writer in the kernel instead of growing the pump's memory.
-* EOF from one side is forwarded, once its buffer is flushed, as ``shutdown(SHUT_WR)`` on the other;
-  when both directions have forwarded EOF the pair is closed. Any socket error (ECONNRESET, EPIPE, ...)
-  closes both fds at once, dropping buffered bytes.
+* EOF from one side is forwarded, once its buffer is flushed, as ``shutdown(SHUT_WR)`` on the other.
+  The agent (``a``) may half-close and still get its answers; the daemon (``b``) never half-closes a
+  gRPC connection, so once its EOF has reached the agent the pair is closed, whether or not the agent
+  ever closes: a silent client cannot keep a connection (and its slot) after the server let it go.
+  Any socket error (ECONNRESET, EPIPE, ...) closes both fds at once, dropping buffered bytes.
 * ``on_close(pair_id)`` runs exactly once per pair, on the pump thread (or, if the pump was never
   started, on the thread calling ``stop()``). Whatever it raises is swallowed silently: a faulty
   callback must not stop the relaying of every other connection.
@@ -280,7 +282,7 @@ class PurePump:
                 _flush(pair, 1 - side)
             if ready & interest & selectors.EVENT_READ:
                 _fill(pair, side)
-            if not (pair.halves[0].done and pair.halves[1].done):
+            if not pair.halves[1].done:  # the daemon's EOF, delivered to the agent, ends the pair
                 self._rearm(pair)
                 return
         except OSError:
@@ -295,14 +297,20 @@ class PurePump:
             if want == have:
                 continue
             sock = pair.socks[side]
-            if want == 0:
-                # Unregistered rather than left with an empty mask: epoll reports HUP regardless of the
-                # mask, and a level-triggered HUP nobody acts on would spin the loop.
-                self._selector.unregister(sock)
-            elif have == 0:
-                self._selector.register(sock, want, (pair, side))
-            else:
-                self._selector.modify(sock, want, (pair, side))
+            try:
+                if want == 0:
+                    # Unregistered rather than left with an empty mask: epoll reports HUP regardless of
+                    # the mask, and a level-triggered HUP nobody acts on would spin the loop.
+                    self._selector.unregister(sock)
+                elif have == 0:
+                    self._selector.register(sock, want, (pair, side))
+                else:
+                    self._selector.modify(sock, want, (pair, side))
+            except BaseException:
+                # A register or modify that epoll refuses leaves the socket unregistered (selectors
+                # drops it): the books must say so, or closing the pair would unregister it twice.
+                pair.events[side] = 0
+                raise
             pair.events[side] = want
 
     def _close(self, pair: _Pair) -> None:

@@ -357,9 +357,10 @@ def _secret_specs(config: Config) -> dict[tuple[str, str], object]:
 
 
 def _raise_fd_limit(max_connections: int) -> None:
-    # Each relayed connection holds three fds (client, upstream, pidfd) plus gRPC's own.
+    # Each relayed connection holds four fds: the agent's, the upstream one, the pidfd, and the socket
+    # gRPC accepted at the other end of the upstream one (same process).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = max(soft, max_connections * 3 + 256)
+    want = max(soft, max_connections * 4 + 256)
     if hard != resource.RLIM_INFINITY:
         want = min(want, hard)
     if want > soft:

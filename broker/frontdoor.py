@@ -80,6 +80,7 @@ class FrontDoor:
         self._pump = _pump.make_pump(self._closed)
         self._thread = threading.Thread(target=self._accept_loop, name="broker-frontdoor", daemon=True)
         self._stopping = False
+        self._pump_failed = False
         self.accepted = 0
         self.refused = 0
 
@@ -89,7 +90,7 @@ class FrontDoor:
 
     @property
     def accepting(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return self._thread.is_alive() and not self._stopping and not self._pump_failed
 
     @property
     def connections(self) -> int:
@@ -127,12 +128,15 @@ class FrontDoor:
         if name is not None:
             cred = self._peers.pop(name, None)
             if cred is not None:
-                with self._uid_lock:
-                    left = self._per_uid.get(cred.uid, 1) - 1
-                    if left > 0:
-                        self._per_uid[cred.uid] = left
-                    else:
-                        self._per_uid.pop(cred.uid, None)
+                self._release(cred.uid)
+
+    def _release(self, uid: int) -> None:
+        with self._uid_lock:
+            left = self._per_uid.get(uid, 1) - 1
+            if left > 0:
+                self._per_uid[uid] = left
+            else:
+                self._per_uid.pop(uid, None)
 
     def _accept_loop(self) -> None:
         poller = select.poll()
@@ -185,16 +189,18 @@ class FrontDoor:
                 return
             self._per_uid[cred.uid] = held + 1
         name = _ABSTRACT_PREFIX + secrets.token_hex(12)
-        up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        up: socket.socket | None = None
         try:
+            # Inside the try: out of descriptors (EMFILE) here must give the uid its slot back too.
+            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             # A random name cannot be pre-bound by anyone else to impersonate a later connection.
             up.bind("\0" + name)
             up.connect(self._internal)
         except OSError:
-            up.close()
+            if up is not None:
+                up.close()
             conn.close()
-            with self._uid_lock:
-                self._per_uid[cred.uid] -= 1
+            self._release(cred.uid)
             raise
         pair_id = next(self._ids)
         # Record the identity before the first byte can reach the server.
@@ -204,8 +210,15 @@ class FrontDoor:
         a, b = conn.detach(), up.detach()
         try:
             self._pump.add(pair_id, a, b)
-        except (BrokerError, OSError, ValueError):
-            # The pump refused the pair (it is stopping): the fds are still ours to close.
+        except (BrokerError, OSError, ValueError) as exc:
+            # The pump refused the pair: the fds are still ours to close.
             self._closed(pair_id)
             os.close(a)
             os.close(b)
+            self.refused += 1
+            if isinstance(exc, BrokerError) and not self._stopping:
+                # Its thread has ended (a bug in it): nothing will be relayed any more. Say so once,
+                # and report not accepting, so health checks and `broker status` show it.
+                if not self._pump_failed:
+                    log.error("front door: the relay has stopped (%s); refusing every connection", exc)
+                self._pump_failed = True

@@ -8,7 +8,8 @@ machine, so their closing semantics are the same:
   its buffer has room, and the other side is watched for EPOLLOUT only while bytes wait: a slow reader
   therefore stalls the writer in the kernel instead of growing the pump's memory.
 * EOF on fd[d] (a shutdown(SHUT_WR) by that peer) is forwarded once the buffer is flushed, as
-  shutdown(fd[1 - d], SHUT_WR). When both directions have forwarded EOF the pair is closed.
+  shutdown(fd[1 - d], SHUT_WR). The agent (fd[0]) may half-close and still get its answers; once the
+  daemon's EOF (fd[1]) has reached the agent the pair is closed, whether or not the agent ever closes.
 * Any error on either socket (ECONNRESET, EPIPE, ...) closes both fds at once; buffered bytes are dropped.
 * A closed pair is reported to on_close(pair_id) exactly once, on the pump thread, with the GIL held
   just for that call. Exceptions from on_close are swallowed without a word: the loop must survive a
@@ -383,7 +384,7 @@ cdef class NativePump:
             rc = _flush(p, 1 - side)
         if rc == 0 and (ready & (EPOLLIN | EPOLLERR | EPOLLHUP)) and (interest & EPOLLIN):
             rc = _fill(p, side)
-        if rc == 0 and not (p.half[0].done and p.half[1].done):
+        if rc == 0 and not p.half[1].done:  # the daemon's EOF, delivered to the agent, ends the pair
             rc = self._rearm(p)
             if rc == 0:
                 return

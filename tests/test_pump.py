@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import hashlib
 import os
 import select
@@ -177,17 +178,23 @@ def test_bulk_both_directions_at_once(pump: _pump.Pump, wire: Wire, closed: Clos
     up, down = os.urandom(10 * 1024 * 1024), os.urandom(10 * 1024 * 1024)
     got: dict[str, bytes] = {}
 
-    def send(sock: socket.socket, data: bytes) -> None:
+    upload_done = threading.Event()
+
+    def send(sock: socket.socket, data: bytes, after: threading.Event | None = None) -> None:
         sock.sendall(data)
+        if after is not None:
+            after.wait(HANG_GUARD)  # the daemon's EOF ends the pair, so it comes last, like a gRPC server's
         sock.shutdown(socket.SHUT_WR)
 
-    def receive(sock: socket.socket, key: str) -> None:
+    def receive(sock: socket.socket, key: str, done: threading.Event | None = None) -> None:
         got[key] = recv_all(sock)
+        if done is not None:
+            done.set()
 
     run_threads(
         lambda: send(agent, up),
-        lambda: send(server, down),
-        lambda: receive(server, "up"),
+        lambda: send(server, down, after=upload_done),
+        lambda: receive(server, "up", done=upload_done),
         lambda: receive(agent, "down"),
     )
     assert hashlib.sha256(got["up"]).hexdigest() == hashlib.sha256(up).hexdigest()
@@ -208,6 +215,63 @@ def test_half_close_still_gets_response(pump: _pump.Pump, wire: Wire, closed: Cl
     assert recv_all(agent) == b"response"
     closed.wait(1)
     assert closed.ids == [3]
+
+
+def test_daemon_closing_ends_the_pair_though_the_agent_stays_silent(pump: _pump.Pump, wire: Wire,
+                                                                    closed: Closed) -> None:
+    # The server let the connection go (gRPC's idle timeout, a shutdown): a client that never closes
+    # must not keep the pair, and with it a connection slot, open.
+    agent, server = wire.open(pump, 9)
+    agent.sendall(b"request")
+    assert server.recv(100) == b"request"
+    server.sendall(b"last words")
+    server.close()
+    closed.wait(1)
+    assert closed.ids == [9] and pump.active == 0
+    assert recv_all(agent) == b"last words"  # flushed before the pair was closed
+
+
+class _RefusingEpoll:
+    """An epoll object whose next modify() fails with ENOMEM, as the kernel's can under memory pressure."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.armed = True
+
+    def modify(self, fd: int, mask: int) -> None:
+        if self.armed:
+            self.armed = False
+            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+        self.real.modify(fd, mask)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_pure_pump_survives_epoll_refusing_a_change(wire: Wire) -> None:
+    # The pair whose registration could not be changed is closed; the loop and every other pair live on.
+    closed = Closed()
+    pump = _pump.PurePump(closed)
+    pump.start()
+    try:
+        agent, server = wire.open(pump, 1)
+        stuck_agent, _unread = wire.open(pump, 2)
+        pump._selector._selector = _RefusingEpoll(pump._selector._selector)  # type: ignore[attr-defined]
+        # Nobody reads the daemon end: the pump must start waiting for it to drain, which needs a modify.
+        stuck_agent.setblocking(False)
+        with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+            while True:
+                stuck_agent.send(bytes(65536))
+        closed.wait(1)
+        assert closed.ids == [2]
+        agent.sendall(b"ping")
+        assert server.recv(100) == b"ping"
+        server.sendall(b"pong")
+        assert agent.recv(100) == b"pong"
+    finally:
+        pump.stop()
+    closed.assert_once_each()
+    assert sorted(closed.ids) == [1, 2]
 
 
 @pytest.mark.parametrize("resetting_side", ["daemon", "agent"])
