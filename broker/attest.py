@@ -27,7 +27,7 @@ import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Literal
 
 from broker.config import CallerRule
 from broker.errors import AttestationError
@@ -112,8 +112,7 @@ def _pidfd(sock: socket.socket, pid: int) -> ProcessHandle:
         if exc.errno != errno.ENOPROTOOPT:
             # The kernel knows the option but has no process to give (some kernels say EINVAL once
             # the peer is reaped): its pid may already be someone else's, so pidfd_open must not run.
-            raise AttestationError(f"pid {pid}: no pidfd for the peer ({errno.errorcode.get(exc.errno, exc.errno)})"
-                                   ) from None
+            raise AttestationError(f"pid {pid}: no pidfd for the peer ({exc.strerror})") from None
     # A kernel before 6.5: pin by pidfd_open plus the start time seen now and just after.
     before = start_time(pid)
     try:
@@ -215,7 +214,8 @@ class _HashCache:
         self._lock = threading.Lock()
         self._items: OrderedDict[tuple[int, int, int, int, int], str] = OrderedDict()
 
-    def sha256(self, pid: int) -> str | None:
+    def sha256(self, pid: int, *, compute: bool = True) -> str | Literal[False] | None:
+        """The digest; None when it cannot be had; False on a cache miss when ``compute`` is off."""
         path = f"{PROC}/{pid}/exe"
         try:
             # Open first, then fstat the open file: the hash and the key describe the same inode.
@@ -228,6 +228,8 @@ class _HashCache:
                         return self._items[key]
                 if st.st_size > MAX_EXE_HASH_BYTES:
                     return None
+                if not compute:
+                    return False
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
                 after = os.fstat(f.fileno())
         except OSError:
@@ -315,12 +317,27 @@ def attest(cred: PeerCred) -> Caller:
 
 
 def exe_sha256(caller: Caller) -> str | None:
-    """The caller's executable hash, computed at most once per request and once per binary."""
+    """The caller's executable hash, computed at most once per request and once per binary.
+
+    A cache miss reads the whole binary (up to MAX_EXE_HASH_BYTES): call it off the event loop
+    unless :func:`exe_sha256_known` said it will not read.
+    """
     if "sha256" not in caller._lazy:
-        digest = _hashes.sha256(caller.pid)
+        digest = _hashes.sha256(caller.pid)  # computes on a miss, so never False here
         # The process could have exited (and its pid been reused) while we hashed.
-        caller._lazy["sha256"] = digest if caller.process.alive() else None
+        caller._lazy["sha256"] = digest if digest is not False and caller.process.alive() else None
     return caller._lazy["sha256"]
+
+
+def exe_sha256_known(caller: Caller) -> bool:
+    """True when :func:`exe_sha256` can answer without reading the binary (memoised, or cached)."""
+    if "sha256" in caller._lazy:
+        return True
+    digest = _hashes.sha256(caller.pid, compute=False)
+    if digest is False:
+        return False
+    caller._lazy["sha256"] = digest if caller.process.alive() else None
+    return True
 
 
 def matches(rule: CallerRule, caller: Caller) -> bool:

@@ -11,7 +11,7 @@ import hashlib
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
@@ -141,6 +141,12 @@ class Config:
     sha256: str  # of the file's bytes, so audit lines can say which config made a decision
     vault: VaultSettings | None = None
     metrics_listen: str | None = None  # [metrics] listen: "unix:/path" or "127.0.0.1:9464"; off when absent
+    # Whether any caller rule needs the executable's hash: then it is computed off the event loop.
+    hashes_exe: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hashes_exe", any(rule.exe_sha256 is not None for wf in self.workflows.values()
+                                                   for rule in wf.callers))
 
 
 def parse_duration(text: str) -> int:

@@ -22,7 +22,7 @@ from google.protobuf import struct_pb2
 from broker import tokens
 from broker._spiffe import workload_pb2 as wl
 from broker._spiffe import workload_pb2_grpc as wl_grpc
-from broker.attest import Caller, PeerCred, attest
+from broker.attest import Caller, PeerCred, attest, exe_sha256, exe_sha256_known
 from broker.config import Config
 from broker.errors import AttestationError, InvalidToken, PermissionDenied
 from broker.keyring import KeyRing
@@ -135,12 +135,17 @@ class Runtime:
     def _changed_since(self, version: int) -> Callable[[], bool]:
         return lambda: self._version != version
 
-    def caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+    async def caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         cred = self.peers.lookup(context.peer())
         if cred is None:
             # Only connections relayed by the front door carry a recorded identity.
             raise AttestationError(f"no kernel identity for peer {context.peer()!r}")
-        return attest(cred)
+        caller = attest(cred)
+        if self.config.hashes_exe and not exe_sha256_known(caller):
+            # Hashing a binary the first time (or after it changed) reads all of it: seconds for a
+            # large one. Done on a worker thread, so no other caller waits for it.
+            await asyncio.to_thread(exe_sha256, caller)
+        return caller
 
     def mint(self, grant: Grant, audience: tuple[str, ...], now: int) -> tuple[bytes, str, int]:
         cfg = self.config.broker
@@ -173,9 +178,9 @@ class Runtime:
         self.metrics.denials.labels(
             workflow if wf else UNKNOWN, tool if wf and tool in wf.tools else UNKNOWN, denial_category(reason)).inc()
 
-    def admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+    async def admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         """The caller, if it is root or the daemon's own uid; else PermissionDenied."""
-        caller = self.caller(context)
+        caller = await self.caller(context)
         if caller.uid not in (0, os.geteuid()):
             raise PermissionDenied(f"uid {caller.uid} is not an administrator")
         return caller
@@ -198,7 +203,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def Reload(self, request: pb.ReloadRequest,
                      context: grpc.aio.ServicerContext[Any, Any]) -> pb.ReloadResponse:
         try:
-            caller = self._rt.admin(context)
+            caller = await self._rt.admin(context)
         except (AttestationError, PermissionDenied) as exc:
             self._rt.audit.record("deny", rpc="Reload", decision="deny", reason=exc.reason)
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
@@ -208,7 +213,7 @@ class BrokerService(pb_grpc.BrokerServicer):
     async def Status(self, request: pb.StatusRequest,
                      context: grpc.aio.ServicerContext[Any, Any]) -> pb.StatusResponse:
         try:
-            self._rt.admin(context)
+            await self._rt.admin(context)
         except (AttestationError, PermissionDenied) as exc:
             self._rt.audit.record("deny", rpc="Status", decision="deny", reason=exc.reason)
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
@@ -224,7 +229,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         fields: dict[str, Any] = {"workflow": request.workflow, "tool": request.tool, "audience": audience}
         caller: Caller | None = None
         try:
-            caller = rt.caller(context)
+            caller = await rt.caller(context)
             grant = authorize_mint(rt.config, caller, request.workflow, request.tool, request.ttl_seconds)
         except (AttestationError, PermissionDenied) as exc:
             rt.audit.record("deny", **fields, **(caller.audit_fields() if caller else {}),
@@ -268,7 +273,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         if len(request.tokens) > MAX_REVOKE_BATCH:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_REVOKE_BATCH} tokens per call")
         try:
-            caller = rt.caller(context)
+            caller = await rt.caller(context)
         except AttestationError as exc:
             rt.audit.record("deny", rpc="RevokeTokens", decision="deny", reason=exc.reason)
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
@@ -301,7 +306,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "workflow and tool are required")
         caller: Caller | None = None
         try:
-            caller = rt.caller(context)
+            caller = await rt.caller(context)
             authorize_mint(rt.config, caller, request.workflow, request.tool, 0)
         except (AttestationError, PermissionDenied) as exc:
             rt.audit.record("deny", rpc="GetSecret", workflow=request.workflow, tool=request.tool,
@@ -354,7 +359,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "workflow is required")
         caller: Caller | None = None
         try:
-            caller = rt.caller(context)
+            caller = await rt.caller(context)
             wf = rt.config.workflows.get(request.workflow)
             if wf is None or not caller_matches(wf, caller):
                 raise PermissionDenied(f"caller may not use workflow {request.workflow!r}")
@@ -402,7 +407,7 @@ class WorkloadAPI(wl_grpc.SpiffeWorkloadAPIServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
         caller: Caller | None = None
         try:
-            caller = rt.caller(context)
+            caller = await rt.caller(context)
             workflows = svid_workflows(rt.config, caller, request.spiffe_id)
         except (AttestationError, PermissionDenied) as exc:
             rt.audit.record("deny", spiffe_id=request.spiffe_id, audience=list(audience),
