@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import stat
 import subprocess
@@ -143,13 +144,18 @@ def test_signals_reach_the_child_and_its_code_comes_back(exec_daemon: DaemonProc
 
 def test_killing_the_sidecar_kills_the_child(exec_daemon: DaemonProcess) -> None:
     p = sidecar(exec_daemon.socket, "--workflow", "agent", "--tool", "plain", child=("", "-", "60", "0"))
-    child_pid = int(events(p, "start")[0]["pid"])  # type: ignore[call-overload]
+    start = events(p, "start")[0]
+    child_pid, left_behind = int(start["pid"]), str(start["dir"])  # type: ignore[call-overload]
     p.kill()
     p.wait(10)
     deadline = time.monotonic() + 10
     while not _dead(child_pid):
         assert time.monotonic() < deadline, "the child outlived its sidecar"
         time.sleep(0.05)
+    # SIGKILL left no chance to clean up: the next run sweeps the dead run's directory.
+    assert os.path.isdir(left_behind)
+    CredentialDir().cleanup()
+    assert not os.path.exists(left_behind)
 
 
 def _dead(pid: int) -> bool:
@@ -222,3 +228,34 @@ def test_reader_never_sees_a_partial_file() -> None:
     finally:
         creds.cleanup()
     assert not os.path.exists(creds.path)
+
+
+def test_the_agent_starts_with_a_clean_process_state(exec_daemon: DaemonProcess, short_tmp: str) -> None:
+    # A "broker" package in the working directory must not stand in for the exec wrapper; the agent
+    # gets default SIGPIPE/SIGXFSZ handling and the core-file limit the sidecar itself gave up.
+    fake = os.path.join(short_tmp, "cwd", "broker", "sidecar")
+    os.makedirs(fake)
+    marker = os.path.join(short_tmp, "shadowed")
+    for d in (os.path.dirname(fake), fake):
+        with open(os.path.join(d, "__init__.py"), "w"):
+            pass
+    with open(os.path.join(fake, "_pdeathsig.py"), "w") as f:
+        f.write(f"open({marker!r}, 'w').close()\n")
+    hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+    core = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+
+    def limit_core() -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (core, hard))
+
+    # The installed command, as users run it (python -m would itself import from the working directory).
+    broker = os.path.join(os.path.dirname(sys.executable), "broker")
+    r = subprocess.run([broker, "exec", "--socket", exec_daemon.socket, "--workflow",
+                        "agent", "--tool", "plain", "--", "sh", "-c",
+                        "grep SigIgn /proc/self/status; grep 'Max core file size' /proc/self/limits"],
+                       cwd=os.path.dirname(os.path.dirname(fake)), capture_output=True, text=True, timeout=60,
+                       preexec_fn=limit_core, check=False)
+    assert r.returncode == 0, r.stderr
+    assert not os.path.exists(marker)
+    ignored = int(r.stdout.split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1)) and not ignored & (1 << (signal.SIGXFSZ - 1))
+    assert r.stdout.split()[6] == str(core)  # "Max core file size <soft> <hard> bytes"

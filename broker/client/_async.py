@@ -14,14 +14,18 @@ from typing import Any
 
 import grpc
 
-from broker.client._cache import DEFAULT_REFRESH_FRACTION, Minted
+from broker.client._cache import DEFAULT_REFRESH_FRACTION, Minted, still_usable
 from broker.client._errors import retryable, translate
 from broker.client._socket import resolve_socket
 from broker.client._sync import DEFAULT_RETRIES, DEFAULT_TIMEOUT, secret_value
-from broker.errors import BrokerError
+from broker.errors import BrokerError, Unavailable
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc as pb_grpc
 from broker.vault import SecretValue
+
+
+class _Interrupted(Exception):
+    """The shared fetch of a token was cancelled: whoever waited on it fetches again."""
 
 
 class AsyncClient:
@@ -70,26 +74,38 @@ class AsyncClient:
         if not wf:
             raise BrokerError("no workflow: pass workflow= to AsyncClient() or token()")
         key = (wf, tool, audience)
-        entry = self._cache.get(key)
-        if entry is not None and self._clock() < entry[1]:
-            return entry[0].token
-        pending = self._inflight.get(key)
-        if pending is None:
+        while True:
+            entry = self._cache.get(key)
+            if entry is not None and self._clock() < entry[1]:
+                return entry[0].token
+            pending = self._inflight.get(key)
+            if pending is not None:
+                try:
+                    return (await asyncio.shield(pending)).token
+                except _Interrupted:
+                    continue  # the caller fetching for everyone was cancelled: fetch again
             pending = asyncio.get_running_loop().create_future()
             self._inflight[key] = pending
             try:
                 minted = await self.mint(wf, tool, audience=audience)
                 self._cache[key] = (minted, minted.refresh_at(self._fraction))
                 pending.set_result(minted)
-            except BrokerError as exc:
+            except Unavailable as exc:
                 # The daemon is away: a cached token that has not expired yet is still good.
-                if entry is not None and entry[0].expires_at > self._clock():
+                if entry is not None and still_usable(entry[0], self._clock()):
                     pending.set_result(entry[0])
                 else:
                     pending.set_exception(exc)
+            except BrokerError as exc:
+                pending.set_exception(exc)  # refused (policy, bad request): never the old token
+            except BaseException:
+                # Cancelled (or a bug): callers waiting on this fetch must not wait forever.
+                pending.set_exception(_Interrupted())
+                pending.add_done_callback(lambda f: f.exception())  # retrieved, even with no waiter
+                raise
             finally:
                 del self._inflight[key]
-        return (await asyncio.shield(pending)).token
+            return (await asyncio.shield(pending)).token
 
     async def verify(self, token: str, tool: str, *, audience: str = "") -> dict[str, Any]:
         r = await self._call(self._stub.VerifyToken, pb.VerifyTokenRequest(token=token, tool=tool, audience=audience))

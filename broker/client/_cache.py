@@ -8,6 +8,9 @@ from typing import Final
 
 DEFAULT_REFRESH_FRACTION: Final = 0.5
 DEFAULT_JITTER: Final = 0.1
+# While the daemon is away a cached token is still handed out, but never in its last seconds: clocks
+# drift and the request it goes into takes time.
+FALLBACK_MARGIN: Final = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,3 +32,8 @@ class Minted:
         lifetime = self.expires_at - self.issued_at
         spread = (rng or random).uniform(-jitter, jitter) if jitter else 0.0
         return self.issued_at + lifetime * min(max(fraction + spread, 0.05), 0.95)
+
+
+def still_usable(minted: Minted, now: float) -> bool:
+    """Whether a cached token may stand in for a fresh one while the daemon cannot be reached."""
+    return minted.expires_at - FALLBACK_MARGIN > now

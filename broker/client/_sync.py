@@ -13,10 +13,10 @@ from typing import Any, Final, TypeVar
 
 import grpc
 
-from broker.client._cache import DEFAULT_REFRESH_FRACTION, Minted
+from broker.client._cache import DEFAULT_REFRESH_FRACTION, Minted, still_usable
 from broker.client._errors import retryable, translate
 from broker.client._socket import resolve_socket
-from broker.errors import BrokerError
+from broker.errors import BrokerError, Unavailable
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc as pb_grpc
 from broker.vault import SecretValue
@@ -98,9 +98,10 @@ class Client:
             old = self._cache.get(key)
             try:
                 minted = self.mint(wf, tool, audience=audience)
-            except BrokerError:
-                # The daemon is away: a cached token that has not expired yet is still good.
-                if old is not None and old[0].expires_at > self._clock():
+            except Unavailable:
+                # The daemon is away: a cached token that has not expired yet is still good. A refusal
+                # (PermissionDenied and the like) is never answered with the old token.
+                if old is not None and still_usable(old[0], self._clock()):
                     return old[0].token
                 raise
             self._cache[key] = (minted, minted.refresh_at(self._fraction))

@@ -11,6 +11,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 from typing import Final
 
@@ -18,6 +19,32 @@ from broker.errors import BrokerError
 
 TMPFS_MAGIC: Final = 0x01021994
 GENERATION: Final = "generation"
+PREFIX: Final = "broker-exec-"
+
+
+def _sweep(base: str) -> None:
+    """Delete credential directories of earlier runs that were killed (SIGKILL, OOM) before cleaning up.
+
+    Only ours (same owner), only when their sidecar's pid no longer exists: a live run is never touched,
+    and a reused pid only delays the sweep to a later run.
+    """
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        pid_text, dash, _ = name[len(PREFIX):].partition("-")
+        if not (name.startswith(PREFIX) and pid_text.isdigit() and dash):
+            continue
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue  # gone already, or the pid belongs to someone else: alive
 
 
 def _is_tmpfs(path: str) -> bool:
@@ -47,7 +74,9 @@ class CredentialDir:
             # Credentials must never reach persistent disk, not even in a crash before cleanup.
             raise BrokerError(f"{base} is not a tmpfs: refusing to write credentials there "
                               "(set XDG_RUNTIME_DIR to a memory-backed directory)")
-        self.path = tempfile.mkdtemp(prefix="broker-exec-", dir=base)  # mode 0700, owned by us
+        _sweep(base)
+        # The owner's pid in the name lets a later run find what a killed one left behind.
+        self.path = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=base)  # mode 0700, owned by us
         self.generation = 0
 
     def write(self, name: str, data: bytes) -> None:

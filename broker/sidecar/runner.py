@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -24,7 +25,7 @@ from typing import Final, TypeVar
 import uvloop
 
 from broker.client import AsyncClient, Minted
-from broker.errors import BrokerError, PermissionDenied, Unavailable
+from broker.errors import BrokerError, Unavailable
 from broker.sidecar.credfiles import CredentialDir
 from broker.vault import SecretValue
 
@@ -63,12 +64,15 @@ class _Credential:
     minted: Minted | None = None
     refresh_at: float = 0.0
     backoff: float = 0.5
-    issued: list[str] = field(default_factory=list)  # every token of this run, revoked at exit
+    # (token, expires_at) of every token of this run still alive, revoked at exit. Never in a repr.
+    issued: list[tuple[str, float]] = field(default_factory=list, repr=False)
 
 
 class Sidecar:
-    def __init__(self, opts: ExecOptions, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, opts: ExecOptions, *, clock: Callable[[], float] = time.time,
+                 core_limit: int = 0) -> None:
         self._o = opts
+        self._core_limit = core_limit
         self._clock = clock
         self._client = AsyncClient(opts.socket, retries=1, refresh_fraction=opts.refresh_fraction)
         self._creds: list[_Credential] = []
@@ -76,21 +80,31 @@ class Sidecar:
         self._wake = asyncio.Event()
         self._restart = asyncio.Event()
         self._exiting = False
+        self._stopped_by: int | None = None  # the signal that ended us before the child started
+        self._preparing: asyncio.Task[None] | None = None
         self._proc: Child | None = None
 
     async def run(self) -> int:
-        try:
-            await self._prepare()
-        except BrokerError as exc:
-            log.error("broker exec: %s", exc)
-            await self._finish()
-            return 1
         loop = asyncio.get_running_loop()
+        # Installed before anything is minted: a signal while we wait for the daemon must still end in
+        # _finish (tokens revoked, directory deleted), never in a default death that leaves files behind.
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, self._forward, sig)
-        tasks = [asyncio.create_task(self._refresh_loop()), asyncio.create_task(self._watch_revocations())]
-        tasks += [asyncio.create_task(self._follow_secret(c)) for c in self._creds if c.has_secret]
+        tasks: list[asyncio.Task[None]] = []
         try:
+            self._preparing = asyncio.create_task(self._prepare())
+            try:
+                await self._preparing
+            except (BrokerError, OSError) as exc:
+                log.error("broker exec: %s", exc)
+                return 1
+            except asyncio.CancelledError:
+                if self._stopped_by is None:
+                    raise  # cancelled from outside, not by a signal of ours
+                log.warning("broker exec: stopped by signal %d before the command started", self._stopped_by)
+                return 128 + self._stopped_by
+            tasks = [asyncio.create_task(self._refresh_loop()), asyncio.create_task(self._watch_revocations())]
+            tasks += [asyncio.create_task(self._follow_secret(c)) for c in self._creds if c.has_secret]
             return await self._supervise()
         finally:
             for t in tasks:
@@ -137,7 +151,10 @@ class Sidecar:
     def _store(self, cred: _Credential, minted: Minted) -> None:
         assert self._dir is not None
         cred.minted = minted
-        cred.issued.append(minted.token)
+        now = self._clock()
+        # Expired tokens need no revocation: the list holds only what could still be presented.
+        cred.issued = [(t, exp) for t, exp in cred.issued if exp > now]
+        cred.issued.append((minted.token, minted.expires_at))
         cred.refresh_at = minted.refresh_at(self._o.refresh_fraction)
         cred.backoff = 0.5
         if cred.file:
@@ -177,7 +194,7 @@ class Sidecar:
                     backoff = 0.2
                     if self._store_secret(cred, secret):
                         self._publish(files=True, env=False)
-            except (BrokerError, StopAsyncIteration) as exc:
+            except (BrokerError, StopAsyncIteration, OSError) as exc:
                 log.warning("broker exec: secret stream for %s interrupted (%s)", cred.tool, exc)
             cred.secret_stream = None
             if cred.secret_expires and self._clock() >= cred.secret_expires and self._dir is not None:
@@ -199,13 +216,13 @@ class Sidecar:
 
     async def _supervise(self) -> int:
         while True:
-            self._proc = Child.spawn(self._o.command, self._child_env())
+            self._proc = Child.spawn(self._o.command, self._child_env(), self._core_limit)
             self._restart.clear()
             waiter = asyncio.create_task(self._proc.wait())
             restart = asyncio.create_task(self._restart.wait())
             await asyncio.wait({waiter, restart}, return_when=asyncio.FIRST_COMPLETED)
             restart.cancel()
-            if waiter.done() and (self._exiting or not self._restart.is_set()):
+            if waiter.done():  # it exited on its own: its status is the answer, even if a restart was due
                 code = waiter.result()
                 return 128 - code if code < 0 else code
             log.info("broker exec: restarting the child to deliver new credentials")
@@ -230,6 +247,10 @@ class Sidecar:
             self._exiting = True
         if self._proc is not None and self._proc.returncode is None:
             self._proc.send_signal(sig)
+        elif self._proc is None and self._preparing is not None and not self._preparing.done() \
+                and sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self._stopped_by = sig
+            self._preparing.cancel()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -251,15 +272,16 @@ class Sidecar:
 
     async def _refresh(self, cred: _Credential, now: float) -> bool:
         try:
-            minted = await self._mint(cred)
-        except (Unavailable, PermissionDenied) as exc:
-            # Keep what we have until it expires; _expire() removes it then. Retry with backoff.
+            self._store(cred, await self._mint(cred))
+        except (BrokerError, OSError) as exc:
+            # The daemon away or refusing, or the file could not be written (tmpfs full): keep what we
+            # have until it expires (_expire() removes it then) and retry with backoff. Never let the
+            # loop die: a dead loop would also stop _expire, and the child would keep a dead token.
             cred.refresh_at = now + cred.backoff
             cred.backoff = min(cred.backoff * 2, MAX_BACKOFF)
             log.warning("broker exec: could not refresh %s (%s); retrying in %.1fs", cred.tool,
                         type(exc).__name__, cred.refresh_at - now)
             return False
-        self._store(cred, minted)
         return True
 
     def _publish(self, files: bool, env: bool) -> None:
@@ -298,8 +320,8 @@ class Sidecar:
                             log.warning("broker exec: credential for %s was revoked; replacing it", cred.tool)
                             cred.refresh_at = 0.0
                             self._wake.set()
-            except BrokerError:
-                pass
+            except BrokerError as exc:
+                log.debug("broker exec: revocation stream interrupted (%s)", exc)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
 
@@ -309,12 +331,17 @@ class Sidecar:
                 # Ending the stream is the daemon's signal to revoke the lease issued to this run.
                 with contextlib.suppress(Exception):
                     await cred.secret_stream.aclose()
-        tokens = [t for c in self._creds for t in c.issued]
-        if tokens:
+        now = self._clock()
+        # Newest first: those live longest. Each batch on its own, so one failure skips no other.
+        tokens = [t for t, exp in sorted((i for c in self._creds for i in c.issued), key=lambda i: -i[1])
+                  if exp > now]
+        for i in range(0, len(tokens), REVOKE_BATCH):
             # Tell the daemon this run is over: its tokens stop verifying now, not at their expiry.
-            with contextlib.suppress(BrokerError, TimeoutError):
-                for i in range(0, len(tokens), REVOKE_BATCH):
-                    await asyncio.wait_for(self._client.revoke(tokens[i:i + REVOKE_BATCH]), 5)
+            try:
+                await asyncio.wait_for(self._client.revoke(tokens[i:i + REVOKE_BATCH]), 5)
+            except (BrokerError, TimeoutError) as exc:
+                log.warning("broker exec: could not revoke %d token(s) of this run (%s); they end at their "
+                            "expiry", len(tokens[i:i + REVOKE_BATCH]), type(exc).__name__)
         if self._dir is not None:
             self._dir.cleanup()
         await self._client.close()
@@ -335,9 +362,13 @@ class Child:
         asyncio.get_running_loop().add_reader(self._pidfd, self._reap)
 
     @classmethod
-    def spawn(cls, command: list[str], env: dict[str, str]) -> Child:
+    def spawn(cls, command: list[str], env: dict[str, str], core_limit: int = 0) -> Child:
         # The wrapper sets PR_SET_PDEATHSIG, then execs the command: if we die, the agent dies too.
-        argv = [sys.executable, "-m", "broker.sidecar._pdeathsig", str(os.getpid()), *command]
+        # -P: the working directory is not put on the import path, so a "broker" folder there cannot
+        # stand in for the wrapper (it would run with the credentials and without PDEATHSIG).
+        # The agent gets back the core-file limit this sidecar gave up (core_limit).
+        argv = [sys.executable, "-P", "-m", "broker.sidecar._pdeathsig", str(os.getpid()), str(core_limit),
+                *command]
         return cls(os.posix_spawn(sys.executable, argv, env))
 
     def _reap(self) -> None:
@@ -360,8 +391,13 @@ class Child:
 
 
 def run(opts: ExecOptions) -> int:
+    # Tokens and upstream secrets live in this process's memory: a crash must not write them to a core
+    # file. The agent gets the original limit back (its own memory is its business).
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
+
     async def main() -> int:
         # Built inside the running loop: a grpc.aio channel belongs to the loop that created it.
-        return await Sidecar(opts).run()
+        return await Sidecar(opts, core_limit=soft).run()
 
     return uvloop.run(main())
