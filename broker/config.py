@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import urllib.parse
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,16 +36,17 @@ MAX_TTL: Final = 24 * 3600
 MIN_ROTATE: Final = 60
 MAX_ROTATE: Final = 30 * 24 * 3600
 
-# Names end up inside SPIFFE IDs and audit lines: keep them to a boring, unambiguous alphabet.
-_NAME_RE: Final = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
-_TRUST_DOMAIN_RE: Final = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,253}[a-z0-9])?$")
-_DURATION_RE: Final = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
-_SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
-_UNIT_RE: Final = re.compile(r"^[A-Za-z0-9:_.@\\-]{1,255}$")
-_ENV_RE: Final = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
-_FILE_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+# Names end up inside SPIFFE IDs and audit lines: keep them to a boring, unambiguous alphabet. Every
+# pattern ends in \Z, not $: $ also matches before a final newline, which would let "wf\n" through.
+_NAME_RE: Final = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?\Z")
+_TRUST_DOMAIN_RE: Final = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,253}[a-z0-9])?\Z")
+_DURATION_RE: Final = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?\Z")
+_SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}\Z")
+_UNIT_RE: Final = re.compile(r"^[A-Za-z0-9:_.@\\-]{1,255}\Z")
+_ENV_RE: Final = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}\Z")
+_FILE_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}\Z")
 # Vault paths: plain segments only; "." and ".." segments could walk out of the intended mount.
-_VAULT_PATH_RE: Final = re.compile(r"^(?!(?:.*/)?\.{1,2}(?:/|$))[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.@-]+)*$")
+_VAULT_PATH_RE: Final = re.compile(r"^(?!(?:.*/)?\.{1,2}(?:/|\Z))[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.@-]+)*\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +404,9 @@ def _parse_vault(c: _Checker, raw: Any) -> VaultSettings | None:
     address = c.get(t, "vault", "address", str, required=True)
     if address is not None and not address.startswith(("https://", "http://")):
         c.fail("vault.address", f"must be an http(s) URL, got {address!r}")
+    elif address is not None and ("@" in urllib.parse.urlsplit(address).netloc or not address.isprintable()):
+        # A password in the URL would be echoed in every error and log line that names the address.
+        c.fail("vault.address", "must not contain credentials or control characters")
     ca_file = c.get(t, "vault", "ca_file", str)
     if ca_file is not None and not ca_file.startswith("/"):
         c.fail("vault.ca_file", f"must be an absolute path, got {ca_file!r}")

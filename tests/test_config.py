@@ -209,6 +209,9 @@ def test_vault_and_tool_secrets() -> None:
     (VAULT.replace(b'method = "approle"', b'method = "userpass"'), "vault.auth.method: must be approle or token"),
     (VAULT.replace(b'  secret_id_file = "/etc/broker/secret_id"\n', b""), "vault.auth.secret_id_file: required"),
     (VAULT.replace(b'"https://vault.internal:8200"', b'"vault.internal"'), "vault.address: must be an http(s) URL"),
+    (VAULT.replace(b'https://vault', b'https://admin:hunter2@vault'), "vault.address: must not contain credentials"),
+    (VAULT.replace(b'instance = "host-a"', b'instance = "host-a\\n"'), "vault.instance: invalid"),
+    (VAULT.replace(b'kv_refresh = "30s"', b'kv_refresh = "30s\\n"'), "vault.kv_refresh:"),
     (VAULT.replace(b'"/etc/broker/role_id"', b'"role_id"'), "vault.auth.role_id_file: must be an absolute path"),
     (VAULT.replace(b'kv_refresh', b'ca_file = "ca.pem"\nkv_refresh'), "vault.ca_file: must be an absolute path"),
     (VAULT.replace(b'https://', b'http://').replace(b'kv_refresh', b'ca_file = "/etc/ca.pem"\nkv_refresh'),
@@ -224,3 +227,14 @@ def test_vault_and_tool_secrets() -> None:
 ])
 def test_vault_and_secret_problems(extra: bytes, expected: str) -> None:
     assert any(expected in p for p in problems(GOOD + extra)), problems(GOOD + extra)
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    (b'name = "support-summarize"', b'name = "support-summarize\\n"', "workflow[0].name"),
+    (b'trust_domain = "example.org"', b'trust_domain = "example.org\\n"', "broker.trust_domain"),
+    (b'token_ttl = "5m"', b'token_ttl = "5m\\n"', "broker.token_ttl"),
+])
+def test_a_trailing_newline_is_not_a_valid_name(old: bytes, new: bytes, expected: str) -> None:
+    # "$" in a pattern matches before a final newline; the names go into SPIFFE IDs, paths and logs.
+    assert old in GOOD
+    assert any(expected in p for p in problems(GOOD.replace(old, new))), problems(GOOD.replace(old, new))

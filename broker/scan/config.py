@@ -42,7 +42,7 @@ from broker.scan.validators import VALIDATORS
 # A rules file larger than this is refused unread: no ruleset comes close, and it bounds parse time.
 MAX_CONFIG_BYTES: Final = 1 << 20
 
-_ID_RE: Final = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_ID_RE: Final = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
 _TOP_KEYS: Final = frozenset({"version", "scan", "allowlist", "rules"})
 _SCAN_KEYS: Final = frozenset({"max_file_size", "disable", "use_default_rules"})
 _ALLOW_KEYS: Final = frozenset({"paths", "regexes", "stopwords"})

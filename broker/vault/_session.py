@@ -34,7 +34,7 @@ log = logging.getLogger("broker.vault")
 DEFAULT_CHECK_EVERY: Final = 30.0
 MAX_CREDENTIAL_FILE_BYTES: Final = 4096
 # Vault generates secret IDs as UUIDs; anything else in the secret_id file is taken as a wrapping token.
-_UUID_RE: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_UUID_RE: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 
 
 def _read_credential(path: str, what: str) -> str:

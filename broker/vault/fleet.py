@@ -42,7 +42,7 @@ log = logging.getLogger("broker.vault")
 DEFAULT_REFRESH_EVERY: Final = 30.0
 # A fleet larger than this is a misconfiguration or an attack on our memory; the rest are ignored.
 MAX_INSTANCES: Final = 256
-_INSTANCE_RE: Final = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
+_INSTANCE_RE: Final = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?\Z")
 
 
 def instance_name(settings: VaultSettings) -> str:
