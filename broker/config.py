@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-import urllib.parse
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType

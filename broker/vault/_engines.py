@@ -20,6 +20,9 @@ from broker.vault._value import SecretValue
 
 # Vault's warnings are one sentence; anything longer is cut before it reaches the log.
 MAX_WARNING_CHARS: Final = 300
+# Durations and Unix times in Vault's answers: anything larger is not from Vault (and a huge integer
+# would overflow the float arithmetic of the schedules).
+MAX_SECONDS: Final = 2**32
 
 
 class Vault(Protocol):
@@ -83,7 +86,7 @@ def _text(part: Mapping[str, Any], key: str) -> str:
 
 def _seconds(part: Mapping[str, Any], key: str) -> int:
     value = part.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_SECONDS:
         raise VaultUnavailable(f"Vault's answer lacks the duration {key!r}")
     return value
 

@@ -24,6 +24,7 @@ from typing import Any, Final
 
 from broker.config import VaultSettings
 from broker.vault._backoff import Backoff
+from broker.vault._engines import MAX_SECONDS
 from broker.vault._errors import VaultAuthError, VaultError, VaultRequestError, VaultUnavailable
 from broker.vault._transport import DEFAULT_TIMEOUT, VaultTransport
 
@@ -57,7 +58,7 @@ def _field(body: Mapping[str, Any], section: str, key: str) -> Any:
 
 
 def _duration(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_SECONDS:
         raise VaultUnavailable("Vault's answer has a malformed TTL")
     return value
 

@@ -39,8 +39,10 @@ class VaultTransport:
         if ca_file is not None:
             _check_ca_file(ca_file)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vault-http")
+        # No redirects: requests would carry X-Vault-Token (and a POSTed secret_id) to wherever a 3xx
+        # points, another host or plain HTTP included. A redirect is answered as "not usable".
         self._client = hvac.Client(url=self.address, token="", verify=ca_file or True, timeout=timeout,
-                                   adapter=hvac.adapters.RawAdapter)
+                                   adapter=hvac.adapters.RawAdapter, allow_redirects=False)
 
     async def send(self, method: str, path: str, data: Mapping[str, Any] | None = None, *,
                    token: str | None = None) -> dict[str, Any]:

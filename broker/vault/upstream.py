@@ -47,6 +47,7 @@ from broker.vault._errors import (
     VaultAuthError,
     VaultError,
     VaultRequestError,
+    VaultUnavailable,
 )
 from broker.vault._value import SecretValue
 
@@ -61,6 +62,8 @@ DEFAULT_REQUEST_TIMEOUT: Final = 5.0
 MAX_IDLE: Final = 1.0
 # Backoff for one entry's retries stays well below typical lease and staleness windows.
 RETRY_CAP: Final = 15.0
+# A credential with less life than this left on arrival is refused (clock skew, a broken answer).
+MIN_LIFETIME: Final = 1.0
 
 
 class _Watcher:
@@ -362,6 +365,14 @@ class SecretManager:
                                       version=entry.issued + 1, now=self._clock())
         now = self._clock()
         old, new = entry.value, issued.value
+        if new.expires_at is not None and new.expires_at - now < MIN_LIFETIME:
+            # Already (nearly) over when it arrives: Vault's clock is ahead of ours, or its answer is
+            # wrong. Serving it is pointless and re-issuing at once would hammer Vault in a loop: give
+            # it back and retry with backoff, reported as degraded.
+            if issued.lease is not None:
+                self._unrevoked.append((entry.name, issued.lease))
+            raise VaultUnavailable(f"Vault issued a credential that ends in {new.expires_at - now:.0f}s "
+                                   "(clocks out of step?)")
         if entry.spec.kind == "kv":
             entry.confirmed_at, entry.next_at = now, now + self._kv_poll
             if old is not None and old.version == new.version and old.data == new.data:

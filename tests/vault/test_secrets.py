@@ -239,3 +239,27 @@ def test_leases_follow_the_broker_token(bao: OpenBao, admin: hvac.Client, creds_
         await session.close()
 
     asyncio.run(main())
+
+
+def test_a_credential_already_over_on_arrival_is_refused_not_reissued_in_a_loop(
+        vault_session: VaultSession, pki: x509.Certificate, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "broker.vault")
+
+    async def main() -> None:
+        session = vault_session
+        # Our clock an hour ahead of Vault's: every 10-minute certificate looks expired on arrival.
+        mgr = SecretManager(session, workflows(cert=SecretSpec("pki", role="agents", common_name="a3.agents.internal",
+                                                               ttl=600)), kv_refresh=60, max_staleness=60,
+                            clock=lambda: time.time() + 3600)
+        mgr.start()
+        with pytest.raises(SecretUnavailable):
+            await mgr.get("wf", "cert")
+        await asyncio.sleep(2)
+        assert mgr.degraded is not None and "clocks out of step" in mgr.degraded
+        await mgr.close()
+        await session.close()
+
+    asyncio.run(main())
+    # Retried with backoff (a handful of requests in two seconds), never a tight loop of issues.
+    assert 1 <= caplog.text.count("clocks out of step") <= 6
+    assert "issued kind=pki" not in caplog.text

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import ClassVar
 
 import hvac
 import pytest
@@ -249,3 +250,54 @@ def test_something_that_is_not_vault(server: str, request: pytest.FixtureRequest
         await s.close()
 
     run(main())
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    seen: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        _Recorder.seen.append(self.headers.get("X-Vault-Token", ""))
+        self.send_response(200)
+        self.end_headers()
+
+    do_POST = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_redirect_never_carries_the_token_elsewhere(creds_dir: str) -> None:
+    # A Vault standby, a proxy or an attacker answering 307 to another host: the token stays home.
+    elsewhere = HTTPServer(("127.0.0.1", 0), _Recorder)
+    target = f"http://127.0.0.1:{elsewhere.server_address[1]}"
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(307)
+            self.send_header("Location", target + self.path)
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    redirecting = HTTPServer(("127.0.0.1", 0), Redirect)
+    for srv in (elsewhere, redirecting):
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    token = write_secret(os.path.join(creds_dir, "token"), "hvs.must-stay-home")
+
+    async def main() -> None:
+        s = VaultSession(VaultSettings(f"http://127.0.0.1:{redirecting.server_address[1]}",
+                                       VaultAuth("token", token_file=token)))
+        with pytest.raises(VaultUnavailable, match="307"):
+            await s.request("GET", "auth/token/lookup-self")
+        await s.close()
+
+    try:
+        run(main())
+    finally:
+        for srv in (elsewhere, redirecting):
+            srv.shutdown()
+            srv.server_close()
+    assert _Recorder.seen == []

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from broker.config import VaultAuth, VaultSettings
-from broker.vault import SecretValue, instance_name
+from broker.vault import SecretValue, VaultUnavailable, _engines, _session, instance_name
 from broker.vault._backoff import Backoff
 
 
@@ -43,3 +43,13 @@ def test_instance_name() -> None:
     assert instance_name(VaultSettings("http://v", auth, instance="node-7")) == "node-7"
     derived = instance_name(VaultSettings("http://v", auth))
     assert derived and derived == derived.lower()
+
+
+@pytest.mark.parametrize("value", [-1, 10**400, 2**32, True, "60", 1.5, None])
+def test_durations_from_vault_are_bounded(value: object) -> None:
+    # A 401-digit lease_duration once escaped as OverflowError from the schedule arithmetic.
+    with pytest.raises(VaultUnavailable):
+        _session._duration(value)
+    with pytest.raises(VaultUnavailable):
+        _engines._seconds({"ttl": value}, "ttl")
+    assert _session._duration(3600) == 3600 and _engines._seconds({"ttl": 0}, "ttl") == 0
