@@ -108,6 +108,8 @@ class _Entry:
     retired: list[Lease] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     watchers: set[_Watcher] = field(default_factory=set)
+    # Bumped by every drop: a Vault request that started before it must not store what it got.
+    epoch: int = 0
 
     @property
     def name(self) -> str:
@@ -312,7 +314,9 @@ class SecretManager:
                     # if that fails, the entry's backoff paces the retries).
                     entry.reissue_at = entry.next_at = now
                 if entry.active and entry.next_at <= self._clock():
-                    await self._step_task(entry)
+                    # Shielded: stopping this loop (shutdown) must not cancel a request that may be
+                    # creating a lease; close() waits for it and revokes what it made.
+                    await asyncio.shield(self._step_task(entry))
             if self._unrevoked and self._clock() >= self._revoke_at:
                 await self._retry_revocations()
                 if self._unrevoked:
@@ -361,8 +365,16 @@ class SecretManager:
         log.warning("vault secret=%s: %s; retrying in %.1fs", entry.name, error, delay)
 
     async def _issue(self, entry: _Entry) -> None:
+        epoch = entry.epoch
         issued = await _engines.issue(self._vault, entry.spec, label=f"broker-{entry.workflow}-{entry.tool}",
                                       version=entry.issued + 1, now=self._clock())
+        if entry.epoch != epoch:
+            # Dropped while Vault answered (run ended, workflow removed, shutdown): nobody may get this
+            # credential, and what it holds in Vault is given back.
+            if issued.lease is not None:
+                self._unrevoked.append((entry.name, issued.lease))
+                self._wake.set()
+            return
         now = self._clock()
         old, new = entry.value, issued.value
         if new.expires_at is not None and new.expires_at - now < MIN_LIFETIME:
@@ -394,8 +406,10 @@ class SecretManager:
             watcher.push(new)
 
     async def _renew(self, entry: _Entry, lease: Lease) -> None:
-        now = self._clock()
+        now, epoch = self._clock(), entry.epoch
         renewed = await _engines.renew(self._vault, lease, now)
+        if entry.epoch != epoch:
+            return  # dropped meanwhile: the lease is already queued for revocation
         granted = renewed.expires_at - now
         entry.lease = renewed
         assert entry.value is not None  # renewal only happens for a held credential
@@ -412,6 +426,7 @@ class SecretManager:
             # Let an in-flight issue finish, so that a lease it creates is in the books before revoking.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(entry.task), self._request_timeout)
+        entry.epoch += 1
         leases = ([entry.lease] if entry.lease is not None else []) + entry.retired
         self._unrevoked.extend((entry.name, lease) for lease in leases)
         entry.value, entry.lease, entry.retired, entry.error = None, None, [], None
@@ -423,11 +438,16 @@ class SecretManager:
     async def _retry_revocations(self) -> None:
         pending, self._unrevoked = self._unrevoked, []
         now = self._clock()
-        for name, lease in pending:
+        for i, (name, lease) in enumerate(pending):
             if lease.expires_at <= now:
                 continue  # Vault has already ended it
             try:
                 declined = await _engines.revoke(self._vault, lease)
+            except asyncio.CancelledError:
+                # Shutdown mid-way: this lease and the untried ones stay in the books (revoking one
+                # twice is harmless; forgetting one is not).
+                self._unrevoked.extend(pending[i:])
+                raise
             except VaultRequestError as exc:
                 # 4xx: the lease or token no longer exists (or was never ours to revoke); nothing to retry.
                 log.warning("vault revocation refused secret=%s: %s", name, exc)
