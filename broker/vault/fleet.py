@@ -73,7 +73,9 @@ class FleetJwks:
         self._on_change = on_change
         self._local: dict[str, VerifyKey] = {}
         self._published: frozenset[str] = frozenset()
-        self._siblings: dict[str, dict[str, VerifyKey]] = {}
+        # instance -> (not_after, its keys): an entry is dropped at its not_after even while Vault
+        # cannot be read, so a dead sibling's keys never outlive the promise it made.
+        self._siblings: dict[str, tuple[int, dict[str, VerifyKey]]] = {}
         self._union: Mapping[str, VerifyKey] = MappingProxyType({})
         self._task: asyncio.Task[None] | None = None
         self.version = 0
@@ -106,13 +108,13 @@ class FleetJwks:
                 raise
             listing = {}
         names = listing.get("data", {}).get("keys", []) if isinstance(listing.get("data"), dict) else []
-        siblings: dict[str, dict[str, VerifyKey]] = {}
+        siblings: dict[str, tuple[int, dict[str, VerifyKey]]] = {}
         for name in names[:MAX_INSTANCES] if isinstance(names, list) else []:
             if not isinstance(name, str) or name == self.instance or not _INSTANCE_RE.match(name):
                 continue  # ourselves, a sub-folder, or a name no broker would use
-            keys = await self._read_sibling(name)
-            if keys:
-                siblings[name] = keys
+            entry = await self._read_sibling(name)
+            if entry is not None:
+                siblings[name] = entry
         self._siblings = siblings
         await self._changed_if(self._rebuild())
 
@@ -133,32 +135,55 @@ class FleetJwks:
         await self._vault.request("POST", f"{self._mount}/data/{self._prefix}/{self.instance}", {"data": document})
         self._published = frozenset(local)
 
-    async def _read_sibling(self, name: str) -> dict[str, VerifyKey]:
+    async def _read_sibling(self, name: str) -> tuple[int, dict[str, VerifyKey]] | None:
         try:
             body = await self._vault.request("GET", f"{self._mount}/data/{self._prefix}/{name}")
         except VaultRequestError as exc:
             log.warning("fleet jwks: cannot read instance %s: %s", name, exc)
-            return {}
+            return None
         data = body.get("data")
         entry = data.get("data") if isinstance(data, dict) else None
         if not isinstance(entry, dict):
-            return {}  # deleted
+            return None  # deleted
         not_after = entry.get("not_after")
-        if not isinstance(not_after, int) or not_after < self._clock():
-            return {}  # that broker stopped refreshing long enough ago that all its tokens have expired
+        if not isinstance(not_after, int) or isinstance(not_after, bool) or not_after < self._clock():
+            return None  # that broker stopped refreshing long enough ago that all its tokens have expired
         try:
-            return tokens.keys_from_jwks({"keys": entry.get("keys")})
+            keys = tokens.keys_from_jwks({"keys": entry.get("keys")})
         except BrokerError as exc:
             # One broken entry must not take the fleet's other keys down with it.
             log.warning("fleet jwks: ignoring instance %s: %s", name, exc)
-            return {}
+            return None
+        return (not_after, keys) if keys else None
+
+    def _expire(self) -> bool:
+        """Drop siblings past their not_after (also while Vault cannot be read). True if any went."""
+        now = self._clock()
+        live = {name: entry for name, entry in self._siblings.items() if entry[0] >= now}
+        if len(live) == len(self._siblings):
+            return False
+        self._siblings = live
+        return True
 
     def _rebuild(self) -> bool:
         union: dict[str, VerifyKey] = {}
-        for keys in self._siblings.values():
-            union.update(keys)
-        union.update(self._local)
-        if union.keys() == self._union.keys():
+        owner: dict[str, str] = {}
+        conflicts: set[str] = set()
+        for name, (_, keys) in sorted(self._siblings.items()):
+            for kid, key in keys.items():
+                if kid in union and _jwk(union[kid]) != _jwk(key):
+                    # Two instances claim one kid with different keys: one of them is broken or lying.
+                    # Trust neither for it, rather than whichever was listed last.
+                    log.warning("fleet jwks: instances %s and %s publish different keys as kid %s; "
+                                "ignoring that kid", owner[kid], name, kid)
+                    conflicts.add(kid)
+                union.setdefault(kid, key)
+                owner.setdefault(kid, name)
+        for kid in conflicts:
+            union.pop(kid, None)
+        union.update(self._local)  # our own keys always win: nobody can shadow a kid we sign with
+        # Compared by key material, not just by kid: a kid that changes its key is a change.
+        if {k: _jwk(v) for k, v in union.items()} == {k: _jwk(v) for k, v in self._union.items()}:
             return False
         self._union = MappingProxyType(union)
         self.version += 1
@@ -171,11 +196,20 @@ class FleetJwks:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._refresh_every)
-            try:
-                # The write doubles as our heartbeat: it moves not_after forward.
-                await self._write()
-                await self.refresh()
-            except VaultError as exc:
-                log.warning("fleet jwks refresh failed (serving the keys already known): %s", exc)
-            except Exception:
-                log.exception("fleet jwks refresh: unexpected error (serving the keys already known)")
+            # The write doubles as our heartbeat: it moves not_after forward. Each step on its own: losing
+            # write access must not also stop us from learning the siblings' keys.
+            for step in (self._write, self.refresh):
+                try:
+                    await step()
+                except VaultError as exc:
+                    log.warning("fleet jwks %s failed (serving the keys already known): %s",
+                                step.__name__.strip("_"), exc)
+                except Exception:
+                    log.exception("fleet jwks %s: unexpected error (serving the keys already known)",
+                                  step.__name__.strip("_"))
+            if self._expire():
+                await self._changed_if(self._rebuild())
+
+
+def _jwk(key: VerifyKey) -> str:
+    return json.dumps(key.to_jwk(), sort_keys=True)

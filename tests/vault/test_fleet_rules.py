@@ -1,0 +1,112 @@
+"""The fleet JWKS's trust rules, against a scripted KV store (the real-server path is in test_fleet.py):
+expiry without Vault, conflicting kids, a kid whose key changes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from broker import tokens
+from broker.config import VaultAuth, VaultSettings
+from broker.tokens import VerifyKey
+from broker.vault import FleetJwks, VaultUnavailable
+
+SETTINGS = VaultSettings("http://vault.invalid", VaultAuth("token", token_file="/dev/null"), instance="me")
+
+
+def key(kid: str) -> VerifyKey:
+    """A fresh ES256 public key published under ``kid`` (as a sibling may, thumbprint or not)."""
+    return VerifyKey(tokens.ES256, kid, public=tokens.generate(tokens.ES256).verify_key.public)
+
+
+class ScriptedKV:
+    """KV v2 as the fleet sees it: one entry per instance; ``down`` makes every request fail."""
+
+    generation = 1
+
+    def __init__(self) -> None:
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.down = False
+
+    def put(self, instance: str, keys: list[VerifyKey], not_after: int) -> None:
+        self.entries[instance] = {**tokens.jwks_document(keys), "not_after": not_after}
+
+    async def request(self, method: str, path: str, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        if self.down:
+            raise VaultUnavailable("Vault is down")
+        name = path.rsplit("/", 1)[-1]
+        if method == "LIST":
+            return {"data": {"keys": sorted(self.entries)}}
+        if method == "GET":
+            return {"data": {"data": self.entries[name]}}
+        if method == "POST":
+            return {}
+        raise AssertionError(f"unexpected {method} {path}")
+
+    async def send_with(self, token: str, method: str, path: str,
+                        data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        raise AssertionError("not used")
+
+
+def test_a_dead_siblings_keys_expire_even_while_vault_is_down() -> None:
+    kv, now = ScriptedKV(), [1000.0]
+    theirs = key("their-kid")
+    kv.put("other", [theirs], not_after=1100)
+
+    async def main() -> None:
+        fleet = FleetJwks(kv, SETTINGS, max_token_ttl=60, clock=lambda: now[0], refresh_every=0.01)
+        await fleet.publish([key("my-kid")])
+        await fleet.refresh()
+        assert set(fleet.keys()) == {"my-kid", "their-kid"}
+        kv.down = True
+        fleet.start()
+        now[0] = 1101  # past the entry's promise, and Vault cannot be asked again
+        for _ in range(200):
+            trusted = fleet.keys()
+            if "their-kid" not in trusted:
+                break
+            await asyncio.sleep(0.01)
+        await fleet.close()
+        assert set(fleet.keys()) == {"my-kid"}
+
+    asyncio.run(main())
+
+
+def test_a_kid_claimed_with_two_keys_is_trusted_from_neither() -> None:
+    kv = ScriptedKV()
+    kv.put("a", [key("shared"), key("a-only")], not_after=2000)
+    kv.put("b", [key("shared")], not_after=2000)  # same kid, another key
+    kv.put("c", [key("my-kid")], not_after=2000)  # someone publishing our own kid
+
+    async def main() -> None:
+        mine = key("my-kid")
+        fleet = FleetJwks(kv, SETTINGS, max_token_ttl=60, clock=lambda: 1000.0)
+        await fleet.publish([mine])
+        await fleet.refresh()
+        assert set(fleet.keys()) == {"my-kid", "a-only"}
+        assert fleet.keys()["my-kid"].to_jwk() == mine.to_jwk()  # our own key always wins
+
+    asyncio.run(main())
+
+
+def test_a_kid_whose_key_changes_is_a_change() -> None:
+    kv = ScriptedKV()
+    first, second = key("k"), key("k")
+    kv.put("other", [first], not_after=2000)
+    changes = 0
+
+    async def changed() -> None:
+        nonlocal changes
+        changes += 1
+
+    async def main() -> None:
+        fleet = FleetJwks(kv, SETTINGS, max_token_ttl=60, clock=lambda: 1000.0, on_change=changed)
+        await fleet.refresh()
+        assert fleet.keys()["k"].to_jwk() == first.to_jwk()
+        kv.put("other", [second], not_after=2000)
+        await fleet.refresh()
+        assert fleet.keys()["k"].to_jwk() == second.to_jwk()  # not the stale key under the same kid
+
+    asyncio.run(main())
+    assert changes == 2
