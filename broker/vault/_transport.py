@@ -2,7 +2,10 @@
 
 hvac (and the ``requests`` session under it) blocks, so no coroutine ever calls it directly: every
 request runs on this transport's single worker thread and the event loop awaits the result. One thread
-also serialises the requests, so the ``requests`` session is never shared between threads.
+also serialises the requests, so the ``requests`` session is never shared between threads. Each read
+waits at most ``timeout`` and a whole answer body at most three times that; the thread is a daemon and
+:meth:`VaultTransport.close` waits for it only so long, so a Vault that stops answering mid-request
+(in its headers, beyond any deadline of ours) cannot hold the broker's exit.
 
 The hvac adapter is created without a token (``token=""`` also stops hvac from reading ``VAULT_TOKEN``
 or ``~/.vault-token``): each request carries the token its caller passes, so the broker's token lives in
@@ -12,11 +15,15 @@ exactly one place, :class:`broker.vault.VaultSession`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import logging
+import queue
 import ssl
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final, TypeVar
 
 import hvac
 import requests
@@ -24,7 +31,13 @@ import urllib3
 
 from broker.vault._errors import VaultError, VaultRequestError, VaultUnavailable
 
+log = logging.getLogger("broker.vault")
+T = TypeVar("T")
+
 DEFAULT_TIMEOUT: Final = 10.0
+# The whole answer, not each read: a peer dripping a byte at a time never trips a per-read timeout.
+ANSWER_DEADLINE_FACTOR: Final = 3
+_CHUNK: Final = 16384
 # Vault's answers to our requests are a few KiB (a certificate chain at most); refuse anything huge.
 MAX_ANSWER_BYTES: Final = 1 << 20
 # Vault's error strings are short; a longer one is probably not Vault, and is cut before it is logged.
@@ -38,7 +51,8 @@ class VaultTransport:
         self.address = address.rstrip("/")
         if ca_file is not None:
             _check_ca_file(ca_file)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vault-http")
+        self._timeout = timeout
+        self._worker = _Worker()
         # No redirects: requests would carry X-Vault-Token (and a POSTed secret_id) to wherever a 3xx
         # points, another host or plain HTTP included. A redirect is answered as "not usable".
         self._client = hvac.Client(url=self.address, token="", verify=ca_file or True, timeout=timeout,
@@ -47,12 +61,14 @@ class VaultTransport:
     async def send(self, method: str, path: str, data: Mapping[str, Any] | None = None, *,
                    token: str | None = None) -> dict[str, Any]:
         """One request to ``/v1/<path>``; the JSON answer, ``{}`` for 204. Raises a VaultError."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._send, method, path, data, token)
+        return await asyncio.wrap_future(self._worker.submit(lambda: self._send(method, path, data, token)))
 
     def close(self) -> None:
-        # Requests already queued still run (a lease revocation must not be dropped); then the thread ends.
-        self._executor.shutdown(wait=True)
+        """Let the requests already queued run (a lease revocation must not be dropped), for a bounded
+        time: a Vault that stopped answering must not hold the daemon's exit."""
+        if not self._worker.stop(wait=self._timeout * (ANSWER_DEADLINE_FACTOR + 1)):
+            log.error("vault: requests still unanswered at close; leaving them behind")
+            return
         self._client.adapter.close()
 
     def _send(self, method: str, path: str, data: Mapping[str, Any] | None, token: str | None) -> dict[str, Any]:
@@ -62,8 +78,7 @@ class VaultTransport:
                                                     json=dict(data) if data is not None else None,
                                                     raise_exception=False, stream=True)
             with response:
-                # Read at most one byte past the cap: a peer that streams forever cannot exhaust memory.
-                raw = response.raw.read(MAX_ANSWER_BYTES + 1, decode_content=True)
+                raw = self._read_body(response)
         except requests.exceptions.SSLError:
             raise VaultUnavailable(f"TLS with Vault at {self.address} failed: its certificate is not trusted "
                                    "(vault.ca_file names the CA that signed it) or the handshake broke") from None
@@ -72,6 +87,21 @@ class VaultTransport:
         except (OSError, ValueError, urllib3.exceptions.HTTPError) as exc:  # the body broke off mid-read
             raise VaultUnavailable(f"broken answer from Vault at {self.address}: {type(exc).__name__}") from None
         return self._decode(method, path, response.status_code, raw)
+
+    def _read_body(self, response: requests.Response) -> bytes:
+        # At most one byte past the cap (a peer that streams forever cannot exhaust memory), and within
+        # a deadline for the whole body (one that drips a byte a second cannot hold the thread).
+        deadline = time.monotonic() + self._timeout * ANSWER_DEADLINE_FACTOR
+        body = bytearray()
+        while len(body) <= MAX_ANSWER_BYTES:
+            # read1: whatever has arrived (read(n) would wait for all n bytes, however slowly they come).
+            chunk = response.raw.read1(min(_CHUNK, MAX_ANSWER_BYTES + 1 - len(body)), decode_content=True)
+            if not chunk:
+                break
+            body += chunk
+            if time.monotonic() > deadline:
+                raise VaultUnavailable(f"Vault at {self.address} answered too slowly")
+        return bytes(body)
 
     def _decode(self, method: str, path: str, status: int, raw: bytes) -> dict[str, Any]:
         if status == 204:
@@ -110,3 +140,35 @@ def _check_ca_file(path: str) -> None:
         raise VaultError(f"vault.ca_file {path} holds no usable PEM certificate") from None
     except OSError as exc:
         raise VaultError(f"cannot read vault.ca_file {path}: {exc.strerror or exc}") from None
+
+
+class _Worker:
+    """One daemon thread running submitted calls in order. Unlike a ThreadPoolExecutor's, its thread is
+    not joined when the interpreter exits, so a request stuck on a silent peer cannot hang the exit."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None] = \
+            queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="vault-http", daemon=True)
+        self._thread.start()
+
+    def submit(self, call: Callable[[], T]) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put((call, future))
+        return future
+
+    def stop(self, wait: float) -> bool:
+        """Finish what is queued, then end the thread; False if that took longer than ``wait`` seconds."""
+        self._queue.put(None)
+        self._thread.join(wait)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            call, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as exc:  # handed to the awaiting coroutine, which re-raises it
+                future.set_exception(exc)

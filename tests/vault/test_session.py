@@ -18,6 +18,7 @@ import pytest
 from broker.config import VaultAuth, VaultSettings
 from broker.testing import OpenBao, free_port
 from broker.vault import VaultAuthError, VaultRequestError, VaultSession, VaultUnavailable
+from broker.vault._transport import VaultTransport
 
 from .conftest import make_role, write_secret
 
@@ -301,3 +302,61 @@ def test_a_redirect_never_carries_the_token_elsewhere(creds_dir: str) -> None:
             srv.shutdown()
             srv.server_close()
     assert _Recorder.seen == []
+
+
+def _drip_server(head: bytes, drip: bytes) -> tuple[str, threading.Event]:
+    """Answers with ``head`` at once, then one byte of ``drip`` every 0.1 s until stopped."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn, listener:
+            conn.recv(65536)
+            conn.sendall(head)
+            for i in range(len(drip)):
+                if stop.wait(0.1):
+                    return
+                try:
+                    conn.sendall(drip[i:i + 1])
+                except OSError:
+                    return
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}", stop
+
+
+def test_an_answer_dripping_in_is_cut_off_by_a_deadline() -> None:
+    body = b"x" * 1000
+    address, stop = _drip_server(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body), body)
+    transport = VaultTransport(address, timeout=0.5)  # each byte comes well within the read timeout
+
+    async def main() -> None:
+        with pytest.raises(VaultUnavailable, match="answered too slowly"):
+            await transport.send("GET", "sys/health")
+
+    try:
+        run(main())
+    finally:
+        stop.set()
+        transport.close()
+
+
+def test_close_does_not_wait_forever_for_a_silent_vault(caplog: pytest.LogCaptureFixture) -> None:
+    # Headers that never end: the request is stuck inside the HTTP library, beyond any deadline of ours.
+    address, stop = _drip_server(b"HTTP/1.1 200 OK\r\n", b"X-Slow: " + b"a" * 100000)
+    transport = VaultTransport(address, timeout=0.5)
+
+    async def main() -> None:
+        stuck = asyncio.ensure_future(transport.send("GET", "sys/health"))
+        await asyncio.sleep(0.3)
+        await asyncio.get_running_loop().run_in_executor(None, transport.close)  # returns, bounded
+        stuck.cancel()
+
+    try:
+        run(main())
+    finally:
+        stop.set()
+    assert "requests still unanswered at close" in caplog.text
