@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -109,3 +110,20 @@ def test_token_verifier_follows_revocations(daemon: DaemonProcess) -> None:
             v.verify(token, tool="read_ticket", audience="crm")
         assert exc.value.reason == "revoked"
         assert c.revoke(["garbage"]) == 0  # nothing of ours: nothing revoked
+
+
+def test_token_verifier_fails_closed_once_the_stream_is_lost_for_too_long(daemon: DaemonProcess) -> None:
+    now = [time.time()]
+    with Client(daemon.socket) as c, TokenVerifier(daemon.socket, "example.org", clock=lambda: now[0],
+                                                   max_stale=60) as v:
+        token = c.mint("support-summarize", "read_ticket", audience="crm").token
+        daemon.stop()  # the stream ends: revocations from now on could be missed
+        for _ in range(200):
+            if v._lost_at is not None:
+                break
+            threading.Event().wait(0.05)
+        assert v.verify(token, tool="read_ticket", audience="crm").wf == "support-summarize"  # a restart's worth
+        now[0] += 61
+        with pytest.raises(InvalidToken) as exc:
+            v.verify(token, tool="read_ticket", audience="crm")
+        assert "key stream has been lost" in exc.value.reason
