@@ -299,7 +299,8 @@ class Daemon:
                          if getattr(new.broker, k) != getattr(old.broker, k)]
             if new.vault != old.vault or new.metrics_listen != old.metrics_listen:
                 problems.append("[vault] and [metrics] changes need a restart")
-            if _secret_specs(new) != _secret_specs(old):
+            old_specs = _secret_specs(old)
+            if any(old_specs.get(key) != spec for key, spec in _secret_specs(new).items()):
                 problems.append("adding or changing a tool's secret needs a restart")
             if _max_ttl(new) > _max_ttl(old):
                 problems.append("raising a ttl above the longest one in force needs a restart (key retirement)")
@@ -318,9 +319,9 @@ class Daemon:
         # One assignment: every request sees either the old or the new config, never a mix.
         self.config = rt.config = new
         if self._vault is not None:
-            for wf in old.workflows:
-                if wf not in new.workflows:
-                    await self._vault.secrets.revoke_workflow(wf)  # its leases end with it
+            for wf, tool in _secret_specs(old):
+                if wf not in new.workflows or tool not in new.workflows[wf].tools:
+                    await self._vault.secrets.revoke_workflow(wf, tool)  # its leases end with it
         self.audit.record("reload", **who, decision="allow", old_sha256=old.sha256, new_sha256=new.sha256,
                           removed_scopes=removed,
                           reason="tokens of removed scopes no longer verify" if removed else "no scope removed")

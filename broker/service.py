@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from secrets import token_hex as secrets_token_hex
 from typing import Any, Final, NoReturn, Protocol
 
@@ -67,9 +68,9 @@ class Secrets(Protocol):
 
     async def refresh(self, workflow: str, tool: str) -> SecretValue: ...
 
-    def watch(self, workflow: str, tool: str) -> AsyncIterator[SecretValue]: ...
+    def watch(self, workflow: str, tool: str) -> AsyncGenerator[SecretValue, None]: ...
 
-    def watch_run(self, workflow: str, tool: str, run: str) -> AsyncIterator[SecretValue]: ...
+    def watch_run(self, workflow: str, tool: str, run: str) -> AsyncGenerator[SecretValue, None]: ...
 
 
 class Admin(Protocol):
@@ -304,6 +305,15 @@ class BrokerService(pb_grpc.BrokerServicer):
         rt = self._rt
         if not (_name_ok(request.workflow) and _name_ok(request.tool)):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "workflow and tool are required")
+        caller = await self._secret_caller(request, context)
+        if rt.secrets is None:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "this broker has no [vault] configured")
+        return rt.secrets, caller
+
+    async def _secret_caller(self, request: pb.GetSecretRequest,
+                             context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        """The attested caller if the current config grants it the tool; else abort PERMISSION_DENIED."""
+        rt = self._rt
         caller: Caller | None = None
         try:
             caller = await rt.caller(context)
@@ -313,9 +323,7 @@ class BrokerService(pb_grpc.BrokerServicer):
                             **(caller.audit_fields() if caller else {}), decision="deny", reason=exc.reason)
             rt.count_denial(request.workflow, request.tool, exc.reason)
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
-        if rt.secrets is None:
-            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "this broker has no [vault] configured")
-        return rt.secrets, caller
+        return caller
 
     def _secret_reply(self, request: pb.GetSecretRequest, caller: Caller, value: SecretValue) -> pb.Secret:
         # Metadata only: the audit line names the credential, never its fields' values.
@@ -344,13 +352,21 @@ class BrokerService(pb_grpc.BrokerServicer):
         secrets, caller = await self._secret_grant(request, context)
         stream = (secrets.watch_run(request.workflow, request.tool, secrets_token_hex(8)) if request.per_run
                   else secrets.watch(request.workflow, request.tool))
-        try:
-            async for value in stream:
-                yield self._secret_reply(request, caller, value)
-        except NoSecretConfigured:
-            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"tool {request.tool!r} has no secret")
-        except SecretUnavailable as exc:
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+        # Closed as soon as we leave, whatever the reason: ending a per-run stream revokes its lease.
+        async with contextlib.aclosing(stream):
+            try:
+                first = True
+                async for value in stream:
+                    if not first:
+                        # Every later push is a new grant: a reload may have taken the tool away from
+                        # this caller, or the process may run another program by now.
+                        caller = await self._secret_caller(request, context)
+                    first = False
+                    yield self._secret_reply(request, caller, value)
+            except NoSecretConfigured:
+                await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"tool {request.tool!r} has no secret")
+            except SecretUnavailable as exc:
+                await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
 
     async def DescribeWorkflow(self, request: pb.DescribeWorkflowRequest,
                                context: grpc.aio.ServicerContext[Any, Any]) -> pb.DescribeWorkflowResponse:

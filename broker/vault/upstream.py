@@ -33,7 +33,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -160,10 +160,11 @@ class SecretManager:
             log.error("vault lease not revoked at shutdown secret=%s lease=%s expires_at=%d",
                       name, lease.describe(), lease.expires_at)
 
-    async def revoke_workflow(self, workflow: str) -> None:
-        """Revoke every lease held for ``workflow`` and end its watch streams; a later get issues anew."""
-        for entry in self._entries.values():
-            if entry.workflow == workflow:
+    async def revoke_workflow(self, workflow: str, tool: str | None = None) -> None:
+        """Revoke every lease held for ``workflow`` (or only its ``tool``, runs included) and end its
+        watch streams; a later get issues anew."""
+        for entry in list(self._entries.values()):
+            if entry.workflow == workflow and (tool is None or entry.tool.partition("@")[0] == tool):
                 await self._drop(entry, SecretUnavailable(f"secret for {entry.name} unavailable: workflow revoked",
                                                           "workflow revoked"))
         await self._retry_revocations()
@@ -198,13 +199,13 @@ class SecretManager:
             return await self.get(workflow, tool)
         return await self._fetch(entry)
 
-    async def watch(self, workflow: str, tool: str) -> AsyncIterator[SecretValue]:
+    async def watch(self, workflow: str, tool: str) -> AsyncGenerator[SecretValue, None]:
         """The current credential, then the full new one at every rotation, until the workflow is revoked
         or the broker stops (then SecretUnavailable is raised). Close the iterator to unsubscribe."""
         async for value in self._follow(self._entry(workflow, tool)):
             yield value
 
-    async def watch_run(self, workflow: str, tool: str, run: str) -> AsyncIterator[SecretValue]:
+    async def watch_run(self, workflow: str, tool: str, run: str) -> AsyncGenerator[SecretValue, None]:
         """Like :meth:`watch`, for one run (a ``broker exec`` session): a leased kind gets a credential of its
         own, renewed and rotated like any other, and revoked in Vault as soon as the iterator closes, so
         what a run was issued ends with the run. KV secrets carry no lease and are shared as with watch."""

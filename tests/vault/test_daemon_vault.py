@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.client import Client
 from broker.errors import PermissionDenied
-from broker.testing import OpenBao, WorkflowSpec, config_text, running_daemon
+from broker.testing import DaemonProcess, OpenBao, WorkflowSpec, config_text, running_daemon
 from broker.testing import scrape_metrics as scrape
 from tests.vault.conftest import Role, make_role
 
@@ -196,3 +196,46 @@ def test_each_run_gets_its_own_lease_revoked_when_it_ends(short_tmp: str, bao: O
                 if p.poll() is None:
                     p.send_signal(signal.SIGTERM)
                     p.wait(30)
+
+
+def test_reload_removing_a_secret_revokes_it_and_narrowed_callers_lose_their_stream(
+        short_tmp: str, bao: OpenBao, admin: hvac.Client, creds_dir: str, broker_policy: str,
+        kv_value: tuple[str, str]) -> None:
+    path, value = kv_value
+    crm = {"name": "crm", "secret": {"kind": "kv", "path": path, "field": "api_key"}}
+    child = {"name": "child", "secret": {"kind": "token", "policies": ["crm-read"], "ttl": "10m"}}
+    role = make_role(admin, creds_dir, policies=[broker_policy, "crm-read"])
+    cfg = start(short_tmp, bao, role, "reload", [crm, child])
+    vault_part = open(cfg[0]).read().split("\n[vault]", 1)[1]
+
+    def rewrite(callers: list[dict[str, object]], tools: list[dict[str, object]]) -> None:
+        with open(cfg[0], "w") as f:
+            f.write(config_text(short_tmp, [WorkflowSpec("w", callers=callers, tools=tools)])
+                    + "\n[vault]" + vault_part)
+
+    def reload(d: DaemonProcess, count: int) -> None:
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while d.log().count("reloaded config") < count:
+            assert "reload refused" not in d.log(), d.log()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    root = hvac.Client(url=bao.address, token=bao.token)
+    with running_daemon(*cfg) as d, Client(d.socket, workflow="w") as c:
+        child_token = c.secret("child").data["token"]
+        assert root.auth.token.lookup(child_token)["data"]["ttl"] > 0
+        # 1. The tool with the secret goes away: the reload is applied, and the child token is revoked.
+        rewrite([ME], [crm])
+        reload(d, 1)
+        with pytest.raises(hvac.exceptions.Forbidden):
+            root.auth.token.lookup(child_token)
+        # 2. The caller block no longer admits us: the secret stream we hold ends at the next rotation,
+        #    instead of delivering it.
+        stream = c.watch_secret("crm")
+        assert next(stream).data["api_key"] == value
+        rewrite([{"uid": 4000000}], [crm])
+        reload(d, 2)
+        admin.secrets.kv.v2.create_or_update_secret(path=path.removeprefix("secret/"), secret={"api_key": "new"})
+        with pytest.raises(PermissionDenied):
+            next(stream)
