@@ -128,6 +128,17 @@ def test_exe_hash_is_cached_per_binary() -> None:
     assert attest.exe_sha256(attest.attest(me())) == first
 
 
+def _hash_seen_running(exe: str) -> str | None:
+    """The exe hash attestation reports for a process running ``exe``."""
+    proc = subprocess.Popen([exe, "30"])
+    try:
+        cred = attest.PeerCred(proc.pid, os.geteuid(), os.getegid(), attest.ProcessHandle(os.pidfd_open(proc.pid)))
+        return attest.exe_sha256(attest.attest(cred))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_rewritten_binary_with_its_old_mtime_is_hashed_again(tmp_path: object) -> None:
     # The owner of a binary rewrites it in place (same size) and sets its mtime back: the cached hash
     # of the old content must not be reused for the new one.
@@ -137,26 +148,14 @@ def test_rewritten_binary_with_its_old_mtime_is_hashed_again(tmp_path: object) -
     with open(exe, "wb") as f:
         f.write(original)
     os.chmod(exe, 0o755)
-    first = subprocess.Popen([exe, "30"])
-    try:
-        cred = attest.PeerCred(first.pid, os.geteuid(), os.getegid(), attest.ProcessHandle(os.pidfd_open(first.pid)))
-        assert attest.exe_sha256(attest.attest(cred)) == hashlib.sha256(original).hexdigest()
-    finally:
-        first.kill()
-        first.wait()
+    assert _hash_seen_running(exe) == hashlib.sha256(original).hexdigest()
     st = os.stat(exe)
     changed = bytearray(original)
     changed[-64:] = bytes(64)  # other bytes, same size
     with open(exe, "r+b") as f:
         f.write(changed)
     os.utime(exe, ns=(st.st_atime_ns, st.st_mtime_ns))
-    second = subprocess.Popen([exe, "30"])
-    try:
-        cred = attest.PeerCred(second.pid, os.geteuid(), os.getegid(), attest.ProcessHandle(os.pidfd_open(second.pid)))
-        assert attest.exe_sha256(attest.attest(cred)) == hashlib.sha256(changed).hexdigest()
-    finally:
-        second.kill()
-        second.wait()
+    assert _hash_seen_running(exe) == hashlib.sha256(changed).hexdigest()
 
 
 def test_credentials_come_from_the_pidfd_when_the_kernel_can() -> None:

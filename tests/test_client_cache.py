@@ -23,6 +23,20 @@ def minted(n: int, issued: float, ttl: int = 100) -> Minted:
     return Minted(f"token-{n}", f"jti-{n}", int(issued), int(issued) + ttl)
 
 
+def scripted(clock: Clock, answers: list[Minted | Exception]) -> Client:
+    """A Client whose mint() gives ``answers`` in turn (raising the exceptions)."""
+    client = Client("/nonexistent.sock", workflow="w", clock=clock)
+
+    def mint(workflow: str, tool: str, *, audience: str = "", ttl: int = 0) -> Minted:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    client.mint = mint  # type: ignore[method-assign]
+    return client
+
+
 def test_waiters_do_not_hang_when_the_fetching_caller_is_cancelled(monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> None:
         client = AsyncClient("/nonexistent.sock", workflow="w")
@@ -55,16 +69,7 @@ def test_waiters_do_not_hang_when_the_fetching_caller_is_cancelled(monkeypatch: 
                                      RequestRejected("INVALID_ARGUMENT", "bad request")])
 def test_a_refusal_is_never_answered_with_the_cached_token(refusal: Exception) -> None:
     clock = Clock()
-    client = Client("/nonexistent.sock", workflow="w", clock=clock)
-    answers: list[Minted | Exception] = [minted(1, clock.now), refusal]
-
-    def mint(workflow: str, tool: str, *, audience: str = "", ttl: int = 0) -> Minted:
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-    client.mint = mint  # type: ignore[method-assign]
+    client = scripted(clock, [minted(1, clock.now), refusal])
     assert client.token("t") == "token-1"
     clock.now += 60  # past the refresh point, well before expiry
     with pytest.raises(type(refusal)):
@@ -74,16 +79,7 @@ def test_a_refusal_is_never_answered_with_the_cached_token(refusal: Exception) -
 
 def test_daemon_away_falls_back_to_a_cached_token_but_not_in_its_last_seconds() -> None:
     clock = Clock()
-    client = Client("/nonexistent.sock", workflow="w", clock=clock)
-    answers: list[Minted | Exception] = [minted(1, clock.now), Unavailable("away"), Unavailable("away")]
-
-    def mint(workflow: str, tool: str, *, audience: str = "", ttl: int = 0) -> Minted:
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-    client.mint = mint  # type: ignore[method-assign]
+    client = scripted(clock, [minted(1, clock.now), Unavailable("away"), Unavailable("away")])
     assert client.token("t") == "token-1"
     clock.now += 60
     assert client.token("t") == "token-1"  # still 40 s left: good enough while the daemon is away
