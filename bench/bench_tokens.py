@@ -109,7 +109,7 @@ def _case(alg: str, op: str, impl: str) -> Callable[[], Any]:
 def _cache_case(impl: str) -> Callable[[], Any]:
     key = KEYS[tokens.ES256]
     eng: Any = _native if impl == "native" else _pure
-    verifier = tokens.Verifier([key.verify_key], eng.VerifiedCache(1024), engine=eng)
+    verifier = tokens.Verifier([key.verify_key], cache_entries=1024, engine=eng)
     token = _native.mint(key, CLAIMS)
     verifier.verify(token, EXPECT, NOW)
     return lambda: verifier.verify(token, EXPECT, NOW)

@@ -1272,6 +1272,8 @@ cdef int _check_claims(object c, object expect, object now) except -1:
     cdef str sub = c.sub
     cdef object leeway = expect.leeway
     cdef object tool
+    if now != now:  # NaN: every comparison below would be false, and an expired token would pass
+        raise InvalidToken("the clock reading is not a number")
     if iss != "spiffe://" + td or not sub.startswith("spiffe://" + td + "/workflow/"):
         raise InvalidToken("issuer or subject outside the trust domain")
     if sub != "spiffe://" + td + "/workflow/" + c.wf:

@@ -26,10 +26,11 @@ class Verifier:
     :func:`broker.tokens.verify`.
     """
 
-    def __init__(self, keys: Mapping[str, VerifyKey] | Iterable[VerifyKey],
-                 cache: VerifiedCacheLike | None = None, *, engine: Engine | None = None) -> None:
+    def __init__(self, keys: Mapping[str, VerifyKey] | Iterable[VerifyKey], *,
+                 cache_entries: int = DEFAULT_CACHE_ENTRIES, engine: Engine | None = None) -> None:
         self._engine = ENGINE if engine is None else engine
-        self._cache = self._engine.VerifiedCache(DEFAULT_CACHE_ENTRIES) if cache is None else cache
+        # Its own cache, never shared: an entry vouches for a token under this verifier's keys only.
+        self._cache = self._engine.VerifiedCache(cache_entries)
         self._keys: dict[str, VerifyKey] = _by_kid(keys)
         self._revoked: dict[str, int] = {}
         self._next_prune: int | None = None
@@ -57,24 +58,28 @@ class Verifier:
         self._engine.check_claims(claims, expect, now)
         if self._next_prune is not None and now >= self._next_prune:
             self._prune(now)
-        if claims.jti in self._revoked:
-            raise InvalidToken("revoked")
         kid = header["kid"]
-        self._cache.put(token, claims, kid, now)
-        # A revoke() or retire_key() that ran between the checks above and the put has already swept the
-        # cache, so look again after it: whichever ran second sees the other's write.
-        if claims.jti in self._revoked or kid not in self._keys:
-            self._cache.discard_jti(claims.jti)
-            raise InvalidToken("revoked" if claims.jti in self._revoked else "unknown kid")
+        # Under the writers' lock: a revoke(), retire_key() or set_keys() either ran before (and is seen
+        # here) or runs after (and sweeps this entry), so no other thread can get a hit in between.
+        with self._lock:
+            if claims.jti in self._revoked:
+                raise InvalidToken("revoked")
+            if self._keys.get(kid) is not keys[kid]:
+                raise InvalidToken("unknown kid")  # the kid left, or its key changed, since we checked
+            self._cache.put(token, claims, kid, now)
         return claims
 
     def set_keys(self, keys: Mapping[str, VerifyKey] | Iterable[VerifyKey]) -> None:
-        """Replace the key set (rotation); tokens cached under a kid that left the set are dropped."""
+        """Replace the key set (rotation); tokens cached under a kid that left the set, or whose key
+        changed, are dropped."""
         new = _by_kid(keys)
         with self._lock:
-            gone = self._keys.keys() - new.keys()
+            old = self._keys
+            # An unchanged key keeps its object, so tokens being verified against it stay good.
+            new = {kid: old[kid] if kid in old and _same_key(old[kid], key) else key for kid, key in new.items()}
+            stale = {kid for kid in old if new.get(kid) is not old[kid]}
             self._keys = new
-            for kid in gone:
+            for kid in stale:
                 self._cache.discard_kid(kid)
 
     def retire_key(self, kid: str) -> None:
@@ -105,3 +110,9 @@ def _by_kid(keys: Mapping[str, VerifyKey] | Iterable[VerifyKey]) -> dict[str, Ve
     if isinstance(keys, Mapping):
         return dict(keys)
     return {k.kid: k for k in keys}
+
+
+def _same_key(a: VerifyKey, b: VerifyKey) -> bool:
+    if a.alg != b.alg or a.secret != b.secret or (a.public is None) != (b.public is None):
+        return False
+    return a.public is None or b.public is None or a.to_jwk() == b.to_jwk()

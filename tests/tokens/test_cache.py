@@ -21,7 +21,7 @@ def es() -> tokens.SigningKey:
 
 
 def verifier(engine: ModuleType, keys: list[tokens.VerifyKey], size: int = 8) -> tokens.Verifier:
-    return tokens.Verifier(keys, engine.VerifiedCache(size), engine=engine)
+    return tokens.Verifier(keys, cache_entries=size, engine=engine)
 
 
 def test_hit_returns_the_same_claims(engine: ModuleType, es: tokens.SigningKey) -> None:
@@ -220,3 +220,29 @@ def test_twins_evict_the_same_tokens(seed: int) -> None:
         traces.append(trace)
     assert traces[0] == traces[1]
     assert any(traces[0][k] is True for k in range(len(traces[0])))
+
+
+def test_a_changed_key_under_the_same_kid_drops_its_cached_tokens(engine: ModuleType) -> None:
+    old, new = tokens.hmac_key(b"o" * 32, "hs-1"), tokens.hmac_key(b"n" * 32, "hs-1")
+    v = verifier(engine, [old.verify_key])
+    token = engine.mint(old, make_claims())
+    v.verify(token, EXPECT, NOW)  # now cached
+    v.set_keys({"hs-1": new.verify_key})
+    with pytest.raises(InvalidToken):
+        v.verify(token, EXPECT, NOW + 1)
+
+
+def test_the_same_keys_again_keep_the_cache(engine: ModuleType) -> None:
+    key = tokens.hmac_key(b"k" * 32, "hs-1")
+    v = verifier(engine, [key.verify_key])
+    token = engine.mint(key, make_claims())
+    first = v.verify(token, EXPECT, NOW)
+    v.set_keys({"hs-1": tokens.hmac_key(b"k" * 32, "hs-1").verify_key})  # a refresh with the same keys
+    assert v.verify(token, EXPECT, NOW + 1) is first  # still answered from the cache
+
+
+def test_a_clock_reading_that_is_not_a_number_is_refused(engine: ModuleType) -> None:
+    key = tokens.hmac_key(b"k" * 32, "hs-1")
+    token = engine.mint(key, make_claims())
+    with pytest.raises(InvalidToken):
+        engine.verify(token, {"hs-1": key.verify_key}, EXPECT, float("nan"))
