@@ -31,7 +31,7 @@ from broker._spiffe import workload_pb2, workload_pb2_grpc
 from broker.audit import AuditLog
 from broker.config import Config
 from broker.errors import BrokerError, ConfigError
-from broker.frontdoor import FrontDoor, bind_public
+from broker.frontdoor import FrontDoor, bind_public, file_identity, unlink_if_same
 from broker.instrument import Instrument
 from broker.keyring import KeyRing, KeySource, MemoryKeySource
 from broker.metrics import FuncCollector, Metrics
@@ -113,6 +113,7 @@ class Daemon:
         self._config_path = config_path
         self._clock = clock
         self._started = clock()
+        self._serving = False  # set once READY=1 was sent
         b = config.broker
         self.ring = KeyRing(key_source or MemoryKeySource(), b.algorithm, b.rotate_every, _max_ttl(config), clock())
         self.audit = AuditLog(b.audit_log, clock)
@@ -143,13 +144,14 @@ class Daemon:
         b = self.config.broker
         watchdog = asyncio.create_task(self._watchdog()) if systemd.watchdog_interval() else None
         listener, adopted = self._listener()
+        bound = None if adopted else file_identity(b.socket)
         # The gRPC server listens only inside a private 0700 directory: no one but us (and root)
         # can reach it, so every request it sees came through the front door.
         internal_dir = tempfile.mkdtemp(prefix=".broker-internal-", dir=os.path.dirname(b.socket) or None)
         internal = os.path.join(internal_dir, "grpc.sock")
-        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=4096,
-                                 interceptors=[Instrument(self.metrics)])
         frontdoor = self._frontdoor = FrontDoor(listener, internal, b.max_connections, b.max_connections_per_uid)
+        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=4096,
+                                 interceptors=[Instrument(self.metrics, frontdoor)])
         rt = self._rt = Runtime(self.config, self.ring, self.audit, frontdoor, self._clock, metrics=self.metrics)
         self.metrics.add_collector(FuncCollector(lambda: {
             "connections": frontdoor.connections, "accepted": frontdoor.accepted, "refused": frontdoor.refused,
@@ -181,6 +183,7 @@ class Daemon:
                  b.trust_domain, len(self.config.workflows), b.algorithm, self.ring.current.kid, tokens.BACKEND,
                  _pump.BACKEND, self.config.metrics_listen or "off")
         systemd.notify(f"READY=1\nSTATUS=serving {len(self.config.workflows)} workflows")
+        self._serving = True
         rotation = asyncio.create_task(self._rotate(rt))
         vault_health = asyncio.create_task(self._watch_vault(health_servicer)) if self._vault else None
         try:
@@ -204,9 +207,9 @@ class Daemon:
                 await self._vault.close()
             self.metrics.close()
             self.audit.close()
-            if not adopted:  # an adopted socket file belongs to the service manager
-                with contextlib.suppress(OSError):
-                    os.unlink(b.socket)
+            # An adopted socket file belongs to the service manager; one replaced meanwhile, to whoever
+            # replaced it.
+            unlink_if_same(b.socket, bound)
             shutil.rmtree(internal_dir, ignore_errors=True)
             if watchdog is not None:
                 watchdog.cancel()
@@ -274,6 +277,11 @@ class Daemon:
 
     async def reload(self, who: dict[str, object]) -> tuple[bool, list[str], str]:
         """Re-read the config: validate fully, then swap atomically, or keep the old one. Always audited."""
+        if not self._serving:
+            # A SIGHUP while starting: the config being started is the one on disk already read; saying
+            # READY=1 here would tell the service manager we serve before we do.
+            log.warning("reload requested while starting: ignored (the daemon reads the file as it starts)")
+            return False, ["the daemon is still starting"], self.config.sha256
         async with self._reload_lock:
             systemd.notify(systemd.reloading_state())
             try:
@@ -319,8 +327,9 @@ class Daemon:
         # One assignment: every request sees either the old or the new config, never a mix.
         self.config = rt.config = new
         if self._vault is not None:
+            still = _secret_specs(new)
             for wf, tool in _secret_specs(old):
-                if wf not in new.workflows or tool not in new.workflows[wf].tools:
+                if (wf, tool) not in still:  # the workflow, the tool or just its secret went away
                     await self._vault.secrets.revoke_workflow(wf, tool)  # its leases end with it
         self.audit.record("reload", **who, decision="allow", old_sha256=old.sha256, new_sha256=new.sha256,
                           removed_scopes=removed,

@@ -35,14 +35,27 @@ _PEER_PREFIX: Final = "unix-abstract:"
 BACKLOG: Final = 1024
 
 
+def _in_use(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False  # ECONNREFUSED: nobody listens; the file is left over from a crash
+        return True
+
+
 def bind_public(path: str) -> socket.socket:
     """Bind and listen on the public socket. Anyone may connect: identity comes from the kernel."""
     parent = os.path.dirname(path)
     os.makedirs(parent, mode=0o755, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
-        # Replace a stale socket from a previous run, but never delete something that is not a socket.
+        # Replace a stale socket from a previous run, but never delete something that is not a socket,
+        # nor a socket another daemon still serves (its agents would silently lose their broker).
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise BrokerError(f"{path} exists and is not a socket; refusing to replace it")
+        if _in_use(path):
+            raise BrokerError(f"{path} is in use by a running broker; stop it first")
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -53,6 +66,22 @@ def bind_public(path: str) -> socket.socket:
         sock.close()
         raise BrokerError(f"cannot listen on {path}: {exc.strerror}") from None
     return sock
+
+
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path`` now, to recognise it later."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def unlink_if_same(path: str, identity: tuple[int, int] | None) -> None:
+    """Remove the socket file at shutdown, unless it is no longer the one we bound (another daemon's)."""
+    if identity is not None and file_identity(path) == identity:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 class FrontDoor:

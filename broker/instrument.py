@@ -1,21 +1,39 @@
-"""The one gRPC server interceptor: a request id per RPC (for logs and audit lines) and handler timing."""
+"""The one gRPC server interceptor: a request id per RPC (for logs and audit lines), handler timing, and
+a cap on the long-lived streams each caller uid may hold open."""
 
 from __future__ import annotations
 
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Final, Protocol
 
 import grpc
 
 from broker.logs import REQUEST_ID
 from broker.metrics import Metrics
 
+# Streams (key/revocation and secret watchers) hold a server slot for as long as their client likes.
+# A sidecar needs one per tool plus one; this leaves room for many agents per user while no single
+# local user can take every slot of the server (maximum_concurrent_rpcs) from the others.
+MAX_STREAMS_PER_UID: Final = 64
+
+
+class _Identified(Protocol):
+    @property
+    def uid(self) -> int: ...
+
+
+class Peers(Protocol):
+    def lookup(self, peer: str) -> _Identified | None: ...
+
 
 class Instrument(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, peers: Peers, *, max_streams_per_uid: int = MAX_STREAMS_PER_UID) -> None:
         self._m = metrics
+        self._peers = peers
+        self._max_streams = max_streams_per_uid
+        self._streams: dict[int, int] = {}  # uid -> open streams; touched only on the event loop
         # Wrapped handlers by method: built once, not per call. Only registered methods get here
         # (an unknown method has no handler), so the dict is bounded by the services we serve.
         self._wrapped: dict[str, Any] = {}
@@ -51,12 +69,26 @@ class Instrument(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
                 # Streams live as long as their subscriber: counted, not timed.
                 REQUEST_ID.set(secrets.token_hex(8))
+                cred = self._peers.lookup(context.peer())
+                uid = cred.uid if cred is not None else None  # None: the internal socket (the daemon's uid)
+                if uid is not None:
+                    held = self._streams.get(uid, 0)
+                    if held >= self._max_streams:
+                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                            f"at most {self._max_streams} open streams per user")
+                    self._streams[uid] = held + 1
                 watchers.inc()
                 try:
                     async for item in stream_inner(request, context):
                         yield item
                 finally:
                     watchers.dec()
+                    if uid is not None:
+                        left = self._streams[uid] - 1
+                        if left:
+                            self._streams[uid] = left
+                        else:
+                            del self._streams[uid]
 
             return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
                                                         response_serializer=handler.response_serializer)

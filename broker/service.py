@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import json
 import logging
@@ -35,9 +36,12 @@ from broker.vault import NoSecretConfigured, SecretUnavailable, SecretValue
 
 log = logging.getLogger(__name__)
 MAX_NAME: Final = 256
-MAX_REVOKE_BATCH: Final = 256
-# Revocations are remembered until the token expires; this bounds the memory a caller can pin.
+# About 100 tokens of typical size fit in one 64 KiB request.
+MAX_REVOKE_BATCH: Final = 100
+# Revocations are remembered until the token expires; this bounds the memory a caller can pin, and no
+# single workflow's callers may take more than a quarter of it from the others.
 MAX_REVOKED: Final = 100_000
+MAX_REVOKED_PER_WORKFLOW: Final = MAX_REVOKED // 4
 SPIFFE_HEADER: Final = ("workload.spiffe.io", "true")
 
 
@@ -96,6 +100,8 @@ class Runtime:
         self.clock = clock
         self.verifier = tokens.Verifier(ring.verify_keys)
         self.revoked: dict[str, int] = {}  # jti -> exp, published on the trust stream
+        self._revoked_wf: dict[str, str] = {}  # jti -> workflow, for the per-workflow share
+        self._per_workflow: collections.Counter[str] = collections.Counter()
         self._version = 0  # bumps on every key or revocation change
         self._changed = asyncio.Condition()
         self.closing = False
@@ -103,14 +109,27 @@ class Runtime:
     async def keys_changed(self) -> None:
         """The key set changed (rotation, or a sibling broker's keys): verify with it, wake every stream."""
         self.verifier.set_keys(self.keys.verify_keys)
-        now = int(self.clock())
-        self.revoked = {j: e for j, e in self.revoked.items() if e + tokens.MAX_LEEWAY > now}
+        self.prune_revoked(int(self.clock()))
         await self._publish()
 
-    async def revoke(self, jti: str, exp: int) -> None:
+    async def revoke(self, jti: str, exp: int, workflow: str) -> None:
         self.verifier.revoke(jti, exp)
+        if jti not in self.revoked:
+            self._revoked_wf[jti] = workflow
+            self._per_workflow[workflow] += 1
         self.revoked[jti] = exp
         await self._publish()
+
+    def revoked_for(self, workflow: str) -> int:
+        return self._per_workflow[workflow]
+
+    def prune_revoked(self, now: int) -> None:
+        """Forget revocations of tokens no verifier accepts any more (past exp + the largest leeway)."""
+        keep = {j: e for j, e in self.revoked.items() if e + tokens.MAX_LEEWAY > now}
+        if len(keep) != len(self.revoked):
+            self.revoked = keep
+            self._revoked_wf = {j: w for j, w in self._revoked_wf.items() if j in keep}
+            self._per_workflow = collections.Counter(self._revoked_wf.values())
 
     async def close_streams(self) -> None:
         """Shutting down: end every key/revocation stream now instead of holding the stop for them."""
@@ -292,9 +311,15 @@ class BrokerService(pb_grpc.BrokerServicer):
             # revoke tokens of a workflow one has nothing to do with.
             if wf is None or not caller_matches(wf, caller) or exp + tokens.MAX_LEEWAY <= now:
                 continue
-            if jti not in rt.revoked and len(rt.revoked) >= MAX_REVOKED:
-                await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "revocation list is full")
-            await rt.revoke(jti, exp)
+            if jti not in rt.revoked:
+                if len(rt.revoked) >= MAX_REVOKED or rt.revoked_for(wf.name) >= MAX_REVOKED_PER_WORKFLOW:
+                    rt.prune_revoked(now)  # expired entries first
+                if len(rt.revoked) >= MAX_REVOKED:
+                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "revocation list is full")
+                if rt.revoked_for(wf.name) >= MAX_REVOKED_PER_WORKFLOW:
+                    await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"workflow {wf.name!r} holds its share of the revocation list")
+            await rt.revoke(jti, exp, wf.name)
             rt.audit.record("revoke", workflow=wf.name, tool=claims.get("tool"), jti=jti, exp=exp,
                             **caller.audit_fields(), decision="allow", reason="holder revoked")
             count += 1
@@ -308,6 +333,10 @@ class BrokerService(pb_grpc.BrokerServicer):
         caller = await self._secret_caller(request, context)
         if rt.secrets is None:
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "this broker has no [vault] configured")
+        if rt.config.workflows[request.workflow].tools[request.tool].secret is None:
+            # The current config decides, not the one the secret manager started with: a reload may
+            # have taken the secret off this tool.
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"tool {request.tool!r} has no secret")
         return rt.secrets, caller
 
     async def _secret_caller(self, request: pb.GetSecretRequest,

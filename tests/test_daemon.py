@@ -24,6 +24,7 @@ from broker.errors import InvalidToken, PermissionDenied
 from broker.testing import DaemonProcess, WorkflowSpec, config_text, running_daemon
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc as pb_grpc
+from tests.conftest import default_workflows
 
 
 def cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -294,3 +295,60 @@ def test_require_native_refuses_the_pure_engine(short_tmp: str) -> None:
     # With the native engine built, the same file starts (the backend is named in the ready line).
     with running_daemon(path, os.path.join(short_tmp, "broker.sock"), os.path.join(short_tmp, "a.jsonl")) as d:
         assert "token_backend=native" in d.log()
+
+
+def test_one_user_cannot_hold_every_stream_slot(daemon: DaemonProcess) -> None:
+    # Key streams need no grant; without a per-user cap, endless streams from one local user would use
+    # up the server's concurrent-RPC limit and every mint would fail.
+    from broker.instrument import MAX_STREAMS_PER_UID
+
+    channels = [grpc.insecure_channel(f"unix:{daemon.socket}", options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(2)]
+    streams = []
+    try:
+        for i in range(MAX_STREAMS_PER_UID):
+            s = pb_grpc.BrokerStub(channels[i % 2]).WatchJWKS(pb.GetJWKSRequest())
+            next(s)  # open for real
+            streams.append(s)
+        with pytest.raises(grpc.RpcError) as exc:
+            next(pb_grpc.BrokerStub(channels[0]).WatchJWKS(pb.GetJWKSRequest()))
+        assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with Client(daemon.socket) as c:
+            assert c.mint("support-summarize", "read_ticket").token  # minting is unaffected
+        streams.pop().cancel()
+        deadline = time.monotonic() + 10
+        while True:  # a slot is free again once the server has seen the cancellation
+            try:
+                streams.append(again := pb_grpc.BrokerStub(channels[1]).WatchJWKS(pb.GetJWKSRequest()))
+                next(again)
+                break
+            except grpc.RpcError as retry:
+                assert retry.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        for s in streams:
+            s.cancel()
+        for ch in channels:
+            ch.close()
+
+
+def test_a_second_daemon_does_not_steal_a_live_socket(daemon: DaemonProcess, short_tmp: str) -> None:
+    cfg = os.path.join(short_tmp, "broker.toml")
+    r = subprocess.run([sys.executable, "-m", "broker", "serve", "--config", cfg], capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode != 0 and "in use by a running broker" in r.stderr
+    with Client(daemon.socket) as c:  # the first daemon still has its socket
+        assert c.mint("support-summarize", "read_ticket").token
+
+
+def test_a_stale_socket_file_is_replaced(short_tmp: str) -> None:
+    path = os.path.join(short_tmp, "broker.toml")
+    with open(path, "w") as f:
+        f.write(config_text(short_tmp, default_workflows()))
+    sock_path = os.path.join(short_tmp, "broker.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(sock_path)  # left behind by a crash: bound, nobody listening
+    stale.close()
+    with running_daemon(path, sock_path, os.path.join(short_tmp, "audit.jsonl")) as d, Client(d.socket) as c:
+        assert c.mint("support-summarize", "read_ticket").token
+    assert not os.path.exists(sock_path)  # and removed at a clean stop

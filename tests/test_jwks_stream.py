@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from broker import config
+from broker import config, tokens
 from broker.keyring import KeyRing, MemoryKeySource
 from broker.service import Runtime
 
@@ -53,3 +53,21 @@ def test_stream_yields_on_rotation_and_retirement() -> None:
     first, rotated, retired = asyncio.run(scenario())
     assert len(first) == 2 and len(rotated) == 3 and len(retired) == 2
     assert first < rotated and retired < rotated and first != retired
+
+
+def test_revocations_are_counted_per_workflow_and_forgotten_after_expiry() -> None:
+    now = [0.0]
+    ring = KeyRing(MemoryKeySource(), "ES256", rotate_every=3600, max_token_ttl=60, now=now[0])
+
+    async def scenario() -> None:
+        rt = Runtime(CFG, ring, _NoAudit(), _Nobody(), lambda: now[0])
+        for i in range(3):
+            await rt.revoke(f"a-{i}", 100, "wf-a")
+        await rt.revoke("a-0", 100, "wf-a")  # again: not counted twice
+        await rt.revoke("b-0", 1000, "wf-b")
+        assert (rt.revoked_for("wf-a"), rt.revoked_for("wf-b")) == (3, 1)
+        rt.prune_revoked(100 + tokens.MAX_LEEWAY)  # wf-a's tokens can no longer verify anywhere
+        assert (rt.revoked_for("wf-a"), rt.revoked_for("wf-b")) == (0, 1)
+        assert set(rt.revoked) == {"b-0"}
+
+    asyncio.run(scenario())

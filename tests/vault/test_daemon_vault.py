@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.client import Client
-from broker.errors import PermissionDenied
+from broker.errors import PermissionDenied, RequestRejected
 from broker.testing import DaemonProcess, OpenBao, WorkflowSpec, config_text, running_daemon
 from broker.testing import scrape_metrics as scrape
 from tests.vault.conftest import Role, make_role
@@ -203,9 +203,10 @@ def test_reload_removing_a_secret_revokes_it_and_narrowed_callers_lose_their_str
         kv_value: tuple[str, str]) -> None:
     path, value = kv_value
     crm = {"name": "crm", "secret": {"kind": "kv", "path": path, "field": "api_key"}}
+    mirror = {"name": "mirror", "secret": {"kind": "kv", "path": path, "field": "api_key"}}
     child = {"name": "child", "secret": {"kind": "token", "policies": ["crm-read"], "ttl": "10m"}}
     role = make_role(admin, creds_dir, policies=[broker_policy, "crm-read"])
-    cfg = start(short_tmp, bao, role, "reload", [crm, child])
+    cfg = start(short_tmp, bao, role, "reload", [crm, mirror, child])
     vault_part = open(cfg[0]).read().split("\n[vault]", 1)[1]
 
     def rewrite(callers: list[dict[str, object]], tools: list[dict[str, object]]) -> None:
@@ -225,16 +226,20 @@ def test_reload_removing_a_secret_revokes_it_and_narrowed_callers_lose_their_str
     with running_daemon(*cfg) as d, Client(d.socket, workflow="w") as c:
         child_token = c.secret("child").data["token"]
         assert root.auth.token.lookup(child_token)["data"]["ttl"] > 0
-        # 1. The tool with the secret goes away: the reload is applied, and the child token is revoked.
-        rewrite([ME], [crm])
+        assert c.secret("mirror").data["api_key"] == value
+        # 1. The tool with the secret goes away, and another tool loses just its secret: the reload is
+        #    applied, the child token is revoked, and the tool without a secret serves none.
+        rewrite([ME], [crm, {"name": "mirror"}])
         reload(d, 1)
         with pytest.raises(hvac.exceptions.Forbidden):
             root.auth.token.lookup(child_token)
+        with pytest.raises(RequestRejected, match="has no secret"):
+            c.secret("mirror")
         # 2. The caller block no longer admits us: the secret stream we hold ends at the next rotation,
         #    instead of delivering it.
         stream = c.watch_secret("crm")
         assert next(stream).data["api_key"] == value
-        rewrite([{"uid": 4000000}], [crm])
+        rewrite([{"uid": 4000000}], [crm, {"name": "mirror"}])
         reload(d, 2)
         admin.secrets.kv.v2.create_or_update_secret(path=path.removeprefix("secret/"), secret={"api_key": "new"})
         with pytest.raises(PermissionDenied):
