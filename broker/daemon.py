@@ -224,7 +224,7 @@ class Daemon:
                           on_change=rt.keys_changed)
         rt.keys = _FleetKeys(fleet)
         try:
-            await fleet.publish(self.ring.verify_keys.values())
+            await fleet.publish(self.ring.verify_keys.values())  # keeps the previous run's keys first
             await fleet.refresh()
         except VaultError as exc:
             log.warning("vault: fleet JWKS not in sync yet (%s); retrying in the background", exc)

@@ -72,6 +72,10 @@ class FleetJwks:
         self._keep_for = max_token_ttl + tokens.MAX_LEEWAY + 3 * refresh_every
         self._on_change = on_change
         self._local: dict[str, VerifyKey] = {}
+        # Keys this instance published before a restart (their private halves died with that process):
+        # still published and trusted until that entry's not_after, so its tokens keep verifying.
+        self._inherited: tuple[int, dict[str, VerifyKey]] | None = None
+        self._adopted = False
         self._published: frozenset[str] = frozenset()
         # instance -> (not_after, its keys): an entry is dropped at its not_after even while Vault
         # cannot be read, so a dead sibling's keys never outlive the promise it made.
@@ -92,12 +96,36 @@ class FleetJwks:
         """Whether ``kid`` was in the last set this instance successfully wrote to Vault."""
         return kid in self._published
 
+    async def adopt_previous(self) -> None:
+        """Before the first write after a start: keep the keys our previous run published (until its
+        entry's not_after), or a restart would invalidate every token that run minted. Raises VaultError."""
+        try:
+            await self._vault.request("GET", f"{self._mount}/data/{self._prefix}/{self.instance}")
+        except VaultRequestError as exc:
+            if exc.status != 404:
+                raise
+            self._adopted = True  # a first start: nothing to keep
+            return
+        entry = await self._read_sibling(self.instance)
+        self._adopted = True
+        if entry is not None:
+            self._inherited = entry
+            log.info("fleet jwks: keeping %d key(s) of this instance's previous run until %d",
+                     len(entry[1]), entry[0])
+
     async def publish(self, keys: Iterable[VerifyKey]) -> None:
         """Make ``keys`` our public set: in the local union at once, then in Vault. Raises VaultError;
         the background task retries a failed write at each refresh."""
         self._local = {k.kid: k for k in keys if k.public is not None}
         await self._changed_if(self._rebuild())
         await self._write()
+
+    def _own(self) -> dict[str, VerifyKey]:
+        """What we publish: our keys, plus the previous run's while they may still verify tokens."""
+        if self._inherited is not None and self._inherited[0] < self._clock():
+            self._inherited = None
+        inherited = self._inherited[1] if self._inherited is not None else {}
+        return {**inherited, **self._local}
 
     async def refresh(self) -> None:
         """Re-read every sibling's entry. Raises VaultError if the prefix cannot be listed."""
@@ -129,7 +157,10 @@ class FleetJwks:
                 await self._task
 
     async def _write(self) -> None:
-        local = dict(self._local)
+        if not self._adopted:
+            await self.adopt_previous()  # never overwrite the previous run's keys unseen
+            await self._changed_if(self._rebuild())
+        local = self._own()
         document: dict[str, Any] = tokens.jwks_document(local.values())
         document["not_after"] = int(self._clock() + self._keep_for)
         await self._vault.request("POST", f"{self._mount}/data/{self._prefix}/{self.instance}", {"data": document})
@@ -181,7 +212,7 @@ class FleetJwks:
                 owner.setdefault(kid, name)
         for kid in conflicts:
             union.pop(kid, None)
-        union.update(self._local)  # our own keys always win: nobody can shadow a kid we sign with
+        union.update(self._own())  # our own keys always win: nobody can shadow a kid we sign with
         # Compared by key material, not just by kid: a kid that changes its key is a change.
         if {k: _jwk(v) for k, v in union.items()} == {k: _jwk(v) for k, v in self._union.items()}:
             return False
@@ -207,7 +238,7 @@ class FleetJwks:
                 except Exception:
                     log.exception("fleet jwks %s: unexpected error (serving the keys already known)",
                                   step.__name__.strip("_"))
-            if self._expire():
+            if self._expire() or (self._inherited is not None and self._inherited[0] < self._clock()):
                 await self._changed_if(self._rebuild())
 
 

@@ -244,3 +244,15 @@ def test_reload_removing_a_secret_revokes_it_and_narrowed_callers_lose_their_str
         admin.secrets.kv.v2.create_or_update_secret(path=path.removeprefix("secret/"), secret={"api_key": "new"})
         with pytest.raises(PermissionDenied):
             next(stream)
+
+
+def test_a_restarted_broker_keeps_its_earlier_tokens_valid(short_tmp: str, bao: OpenBao, admin: hvac.Client,
+                                                            creds_dir: str, broker_policy: str) -> None:
+    cfg = start(short_tmp, bao, make_role(admin, creds_dir, policies=[broker_policy]), "restarting", [{"name": "t"}])
+    with running_daemon(*cfg) as d, Client(d.socket) as c:
+        token = c.mint("w", "t").token
+    # Same instance name, new process, new keys: the previous run's public keys stay in its fleet entry
+    # (until that entry's not_after), so what it minted still verifies, here and on every sibling.
+    with running_daemon(*cfg) as d, Client(d.socket) as c:
+        assert c.verify(token, "t")["wf"] == "w"
+        assert c.mint("w", "t").token != token

@@ -10,7 +10,7 @@ from typing import Any
 from broker import tokens
 from broker.config import VaultAuth, VaultSettings
 from broker.tokens import VerifyKey
-from broker.vault import FleetJwks, VaultUnavailable
+from broker.vault import FleetJwks, VaultRequestError, VaultUnavailable
 
 SETTINGS = VaultSettings("http://vault.invalid", VaultAuth("token", token_file="/dev/null"), instance="me")
 
@@ -39,8 +39,12 @@ class ScriptedKV:
         if method == "LIST":
             return {"data": {"keys": sorted(self.entries)}}
         if method == "GET":
+            if name not in self.entries:
+                raise VaultRequestError(404, "no such entry")
             return {"data": {"data": self.entries[name]}}
         if method == "POST":
+            assert data is not None
+            self.entries[name] = dict(data["data"])
             return {}
         raise AssertionError(f"unexpected {method} {path}")
 
@@ -110,3 +114,30 @@ def test_a_kid_whose_key_changes_is_a_change() -> None:
 
     asyncio.run(main())
     assert changes == 2
+
+
+def test_a_restart_keeps_the_previous_runs_keys_until_their_entry_expires() -> None:
+    kv, now = ScriptedKV(), [1000.0]
+    kv.put("me", [key("before-restart")], not_after=1500)  # what the previous run of "me" published
+
+    async def main() -> None:
+        fleet = FleetJwks(kv, SETTINGS, max_token_ttl=60, clock=lambda: now[0])
+        await fleet.publish([key("after-restart")])
+        assert set(fleet.keys()) == {"before-restart", "after-restart"}  # its tokens still verify here
+        assert {k["kid"] for k in kv.entries["me"]["keys"]} == {"before-restart", "after-restart"}  # and there
+        now[0] = 1501
+        await fleet.publish([key("after-restart")])
+        assert set(fleet.keys()) == {"after-restart"}
+        assert {k["kid"] for k in kv.entries["me"]["keys"]} == {"after-restart"}
+
+    asyncio.run(main())
+
+
+def test_a_first_start_has_nothing_to_keep() -> None:
+    async def main() -> None:
+        kv = ScriptedKV()
+        fleet = FleetJwks(kv, SETTINGS, max_token_ttl=60, clock=lambda: 1000.0)
+        await fleet.publish([key("k1")])
+        assert set(fleet.keys()) == {"k1"} and "me" in kv.entries
+
+    asyncio.run(main())
