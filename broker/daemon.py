@@ -83,6 +83,9 @@ class _FleetKeys:
     def jwks_json(self) -> str:
         return self._fleet.jwks_json()
 
+    async def learn_keys(self) -> bool:
+        return await self._fleet.refresh_soon()
+
 
 @dataclass
 class _Vault:

@@ -66,6 +66,10 @@ class KeyRing:
     def jwks_json(self) -> str:
         return self._jwks_json
 
+    async def learn_keys(self) -> bool:
+        """A lone broker knows every key it trusts: there is nothing to look up."""
+        return False
+
     @property
     def rotated_at(self) -> float:
         return self._rotated_at

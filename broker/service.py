@@ -64,6 +64,10 @@ class KeyView(Protocol):
     @property
     def jwks_json(self) -> str: ...
 
+    async def learn_keys(self) -> bool:
+        """A token named a kid we do not know: look for new keys now (rate-limited); True if found."""
+        ...
+
 
 class Secrets(Protocol):
     """Upstream secrets per (workflow, tool); ``broker.vault.SecretManager`` in production."""
@@ -179,10 +183,18 @@ class Runtime:
         )
         return tokens.mint(self.ring.current, claims), jti, claims.exp
 
-    def verify(self, token: str, audience: str, tool: str | None, now: int) -> tokens.Claims:
+    async def verify(self, token: str, audience: str, tool: str | None, now: int) -> tokens.Claims:
         expect = tokens.Expect(self.config.broker.trust_domain, audience, tool)
+        raw = token.encode("ascii", "replace")
         try:
-            claims = self.verifier.verify(token.encode("ascii", "replace"), expect, now)
+            try:
+                claims = self.verifier.verify(raw, expect, now)
+            except InvalidToken as exc:
+                # A sibling broker's brand-new key (it restarted moments ago) is learned now, not at
+                # the next heartbeat: look once, then decide.
+                if exc.reason != "unknown kid" or not await self.keys.learn_keys():
+                    raise
+                claims = self.verifier.verify(raw, expect, now)
             # A reload may have removed the scope this token was minted for: it ends with the scope.
             wf = self.config.workflows.get(claims.wf)
             if wf is None or (claims.tool is not None and claims.tool not in wf.tools):
@@ -268,8 +280,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         if not (_name_ok(request.tool) and _name_ok(request.audience, allow_empty=True)):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "tool is required")
         try:
-            claims = self._rt.verify(request.token, request.audience or request.tool, request.tool,
-                                     int(self._rt.clock()))
+            claims = await self._rt.verify(request.token, request.audience or request.tool, request.tool,
+                                           int(self._rt.clock()))
         except InvalidToken as exc:
             self._rt.audit.record("verify", tool=request.tool, decision="deny", reason=exc.reason)
             # The presenter already holds the token; telling it why it failed leaks nothing new.
@@ -485,7 +497,7 @@ class WorkloadAPI(wl_grpc.SpiffeWorkloadAPIServicer):
         if not request.svid or not _name_ok(request.audience):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "svid and audience must be specified")
         try:
-            claims = self._rt.verify(request.svid, request.audience, None, int(self._rt.clock()))
+            claims = await self._rt.verify(request.svid, request.audience, None, int(self._rt.clock()))
         except InvalidToken as exc:
             self._rt.audit.record("verify", audience=request.audience, decision="deny", reason=exc.reason)
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"could not validate JWT-SVID: {exc.reason}")

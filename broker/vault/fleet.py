@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
 import socket
 import time
@@ -40,6 +41,8 @@ from broker.vault._errors import VaultError, VaultRequestError
 log = logging.getLogger("broker.vault")
 
 DEFAULT_REFRESH_EVERY: Final = 30.0
+# Between two refreshes that a token with an unknown kid triggers.
+MIN_ON_DEMAND: Final = 5.0
 # A fleet larger than this is a misconfiguration or an attack on our memory; the rest are ignored.
 MAX_INSTANCES: Final = 256
 _INSTANCE_RE: Final = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?\Z")
@@ -76,6 +79,7 @@ class FleetJwks:
         # still published and trusted until that entry's not_after, so its tokens keep verifying.
         self._inherited: tuple[int, dict[str, VerifyKey]] | None = None
         self._adopted = False
+        self._last_on_demand = -math.inf
         self._published: frozenset[str] = frozenset()
         # instance -> (not_after, its keys): an entry is dropped at its not_after even while Vault
         # cannot be read, so a dead sibling's keys never outlive the promise it made.
@@ -145,6 +149,21 @@ class FleetJwks:
                 siblings[name] = entry
         self._siblings = siblings
         await self._changed_if(self._rebuild())
+
+    async def refresh_soon(self) -> bool:
+        """Re-read the siblings now, unless that was done less than ``MIN_ON_DEMAND`` seconds ago (tokens
+        with made-up kids must not turn into a flood of Vault requests). True if the key set changed."""
+        now = self._clock()
+        if now - self._last_on_demand < MIN_ON_DEMAND:
+            return False
+        self._last_on_demand = now
+        version = self.version
+        try:
+            await self.refresh()
+        except VaultError as exc:
+            log.warning("fleet jwks: on-demand refresh failed: %s", exc)
+            return False
+        return self.version != version
 
     def start(self) -> None:
         """Start the heartbeat: republish our set and re-read the siblings every ``refresh_every``."""

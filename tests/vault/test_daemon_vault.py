@@ -248,11 +248,19 @@ def test_reload_removing_a_secret_revokes_it_and_narrowed_callers_lose_their_str
 
 def test_a_restarted_broker_keeps_its_earlier_tokens_valid(short_tmp: str, bao: OpenBao, admin: hvac.Client,
                                                             creds_dir: str, broker_policy: str) -> None:
-    cfg = start(short_tmp, bao, make_role(admin, creds_dir, policies=[broker_policy]), "restarting", [{"name": "t"}])
-    with running_daemon(*cfg) as d, Client(d.socket) as c:
-        token = c.mint("w", "t").token
-    # Same instance name, new process, new keys: the previous run's public keys stay in its fleet entry
-    # (until that entry's not_after), so what it minted still verifies, here and on every sibling.
-    with running_daemon(*cfg) as d, Client(d.socket) as c:
-        assert c.verify(token, "t")["wf"] == "w"
-        assert c.mint("w", "t").token != token
+    prefix = f"broker/jwks-{secrets.token_hex(4)}"
+    cfg = start(os.path.join(short_tmp, "a"), bao, make_role(admin, creds_dir, policies=[broker_policy]),
+                "restarting", [{"name": "t"}], prefix)
+    sibling = start(os.path.join(short_tmp, "b"), bao, make_role(admin, creds_dir, policies=[broker_policy]),
+                    "sibling", [{"name": "t"}], prefix)
+    with running_daemon(*sibling) as s, Client(s.socket) as cs:
+        with running_daemon(*cfg) as d, Client(d.socket) as c:
+            token = c.mint("w", "t").token
+        # Same instance name, new process, new keys: the previous run's public keys stay in its fleet
+        # entry (until that entry's not_after), so what it minted still verifies, here and elsewhere.
+        with running_daemon(*cfg) as d, Client(d.socket) as c:
+            assert c.verify(token, "t")["wf"] == "w"
+            fresh = c.mint("w", "t").token
+            # The sibling has not had a heartbeat since the restart: the unknown kid makes it look now.
+            assert cs.verify(fresh, "t")["wf"] == "w"
+            assert cs.verify(token, "t")["wf"] == "w"

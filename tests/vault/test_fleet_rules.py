@@ -141,3 +141,23 @@ def test_a_first_start_has_nothing_to_keep() -> None:
         assert set(fleet.keys()) == {"k1"} and "me" in kv.entries
 
     asyncio.run(main())
+
+
+def test_an_unknown_kid_triggers_one_rate_limited_refresh() -> None:
+    kv, now = ScriptedKV(), [1000.0]
+
+    async def main() -> None:
+        fleet = FleetJwks(kv, SETTINGS, max_token_ttl=60, clock=lambda: now[0])
+        await fleet.refresh()
+        kv.put("other", [key("fresh")], not_after=2000)  # a sibling restarted with a new key
+        assert await fleet.refresh_soon() is True
+        trusted = fleet.keys()
+        assert "fresh" in trusted
+        kv.put("other", [key("fresh"), key("fresher")], not_after=2000)
+        assert await fleet.refresh_soon() is False  # too soon: made-up kids cannot flood Vault
+        now[0] += 5
+        assert await fleet.refresh_soon() is True
+        trusted = fleet.keys()
+        assert "fresher" in trusted
+
+    asyncio.run(main())
