@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     _client_args(p)
 
     p = sub.add_parser("exec", help="run COMMAND with the workflow's credentials delivered and kept fresh",
-                       usage="broker exec --workflow W [--tool T ...] [--restart | --signal SIG] -- COMMAND [ARGS...]")
+                       usage="broker exec --workflow W [--tool T ...] [--restart | --signal SIG] [--grace 10s] "
+                             "[--refresh-fraction 0.5] [--wait-timeout 60s] -- COMMAND [ARGS...]")
     p.add_argument("--workflow", required=True)
     p.add_argument("--tool", action="append", default=[], help="only these tools (repeatable; default: all)")
     mode = p.add_mutually_exclusive_group()

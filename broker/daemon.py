@@ -1,5 +1,6 @@
 """The composition root: wires config, keys, audit, metrics, the gRPC servicers and the front door,
-then runs until SIGTERM/SIGINT; SIGHUP reloads the config and reopens the audit log.
+then runs until SIGTERM/SIGINT; SIGHUP reloads the config and reopens the audit log, SIGUSR1 only
+reopens the audit log (logrotate).
 
 Nothing else in the package constructs these parts; tests start the real daemon as a process.
 """
@@ -278,6 +279,14 @@ class Daemon:
                 systemd.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
+    def reopen_audit(self) -> None:
+        try:
+            self.audit.reopen()
+        except BrokerError as exc:
+            log.error("audit log not reopened: %s", exc)
+        else:
+            log.info("audit log reopened")
+
     async def reload(self, who: dict[str, object]) -> tuple[bool, list[str], str]:
         """Re-read the config: validate fully, then swap atomically, or keep the old one. Always audited."""
         if not self._serving:
@@ -381,7 +390,7 @@ def _raise_fd_limit(max_connections: int) -> None:
 
 
 def serve(config: Config, config_path: str | None = None) -> None:
-    """Run the daemon in the foreground until SIGINT or SIGTERM; SIGHUP reloads."""
+    """Run the daemon in the foreground until SIGINT or SIGTERM; SIGHUP reloads, SIGUSR1 reopens the audit log."""
     _raise_fd_limit(config.broker.max_connections)
 
     async def main() -> None:
@@ -390,6 +399,9 @@ def serve(config: Config, config_path: str | None = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, daemon.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(daemon.reload({"signal": "SIGHUP"})))
+        # logrotate's signal: reopen the audit log, and nothing else (SIGHUP would also apply whatever
+        # config edit is waiting on disk, at whatever hour the rotation runs).
+        loop.add_signal_handler(signal.SIGUSR1, daemon.reopen_audit)
         await daemon.run()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -286,3 +286,22 @@ def test_json_logs_and_status(short_tmp: str) -> None:
         lines = [json.loads(x) for x in d.log().splitlines() if x.startswith("{")]
     ready = next(x for x in lines if x["msg"].startswith("ready"))
     assert ready["level"] == "info" and "token_backend=" in ready["msg"]
+
+
+def test_sigusr1_reopens_the_audit_log_and_applies_no_config_edit(short_tmp: str) -> None:
+    # What logrotate does: rename the file, then signal. The next decision goes to a new file, nothing
+    # is lost in between, and a config edit waiting on disk is not applied by the rotation.
+    cfg = os.path.join(short_tmp, "broker.toml")
+    write(cfg, two_tools(short_tmp))
+    sock, audit = os.path.join(short_tmp, "broker.sock"), os.path.join(short_tmp, "audit.jsonl")
+    with running_daemon(cfg, sock, audit) as d, Client(sock) as c:
+        first = c.mint("w", "t1").jti
+        os.rename(audit, audit + "-1")
+        write(cfg, two_tools(short_tmp).replace('name = "t2"', 'name = "t9"'))  # edited, not reloaded
+        d.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "audit log reopened" in d.log())
+        second = c.mint("w", "t2").jti  # t2 still exists: the edit was not applied
+        assert first in open(audit + "-1").read() and first not in open(audit).read()
+        assert second in open(audit).read()
+        assert os.stat(audit).st_mode & 0o777 == 0o600
+        assert "reloaded config" not in d.log()
