@@ -176,6 +176,11 @@ def _parse(raw: dict[str, Any], origin: str, problems: list[ConfigProblem]) -> t
         r.fail("version", "only version 1 is supported")
     scan = r.table(top.get("scan", {}), "scan", _SCAN_KEYS)
     allow = r.table(top.get("allowlist", {}), "allowlist", _ALLOW_KEYS)
+    for key in ("paths", "regexes", "stopwords"):
+        values = allow.get(key)
+        if isinstance(values, list) and any(v == "" for v in values):
+            # An empty pattern or stopword matches every finding: the scan would pass whatever it found.
+            r.fail(f"allowlist.{key}", "an empty entry would allow every finding")
     allowlist = Allowlist(
         paths=r.regexes(allow, "paths", "allowlist"),
         regexes=r.regexes(allow, "regexes", "allowlist"),

@@ -17,8 +17,15 @@ from typing import Final
 from broker.scan.document import Document
 from broker.scan.errors import ScanError, UsageError
 
-_DIFF_OPTIONS: Final = ["-U0", "--no-color", "--no-ext-diff", "--no-textconv", "--src-prefix=a/",
-                        "--dst-prefix=b/", "--diff-filter=ACMRT"]
+# --text: a repository's .gitattributes (or core.bigFileThreshold) can declare any file binary, and git
+# then prints no lines for it; binaries are recognised here instead (a NUL byte), as in the tree walk.
+# --no-renames: a file moved out of an allowlisted path shows its lines as added, not as a rename.
+_DIFF_OPTIONS: Final = ["-U0", "--text", "--no-renames", "--no-color", "--no-ext-diff", "--no-textconv",
+                        "--src-prefix=a/", "--dst-prefix=b/", "--diff-filter=ACMT"]
+# The repository's own configuration must neither run commands (fsmonitor hooks, gpg for signatures)
+# nor change what the diff looks like (context lines between hunks would shift every line number).
+SAFE_CONFIG: Final = ["-c", "core.quotePath=false", "-c", "core.fsmonitor=false", "-c", "log.showSignature=false",
+                      "-c", "diff.interHunkContext=0", "-c", "diff.noprefix=false", "-c", "core.pager=cat"]
 _HUNK: Final = re.compile(rb"^@@ -\d+(?:,\d+)? \+(\d+)(?:,(\d+))? @@")
 _COMMIT_MARK: Final = b"\x00commit "
 _REMERGE_SINCE: Final = (2, 36)
@@ -61,16 +68,23 @@ def parse_patch(lines: Iterable[bytes]) -> Iterator[Document]:
     def flush() -> Document | None:
         if path is None or not added:
             return None
-        return Document(path, "\n".join(added), tuple(numbers), commit)
+        text = "\n".join(added)
+        if "\x00" in text:
+            return None  # a binary file (git prints it as text under --text); the tree walk skips these too
+        return Document(path, text, tuple(numbers), commit)
 
     for raw in lines:
         line = raw.rstrip(b"\n")
         if remaining > 0:
-            # Inside a hunk the counts from its header say exactly how many "+" lines follow, so a
-            # content line that itself starts with "+++ " or "diff --git" is never mistaken for a header.
+            # Inside a hunk the count from its header says exactly how many new-side lines follow ("+"
+            # added, " " context), so a content line that itself starts with "+++ " or "diff --git" is
+            # never mistaken for a header.
             if line.startswith(b"+"):
                 added.append(line[1:].rstrip(b"\r").decode("utf-8", "replace"))
                 numbers.append(line_no)
+                line_no += 1
+                remaining -= 1
+            elif line.startswith(b" "):
                 line_no += 1
                 remaining -= 1
             continue
@@ -96,7 +110,7 @@ def parse_patch(lines: Iterable[bytes]) -> Iterator[Document]:
 
 
 def _stream(repo: str, args: list[str]) -> Iterator[Document]:
-    command = ["git", "-C", repo, "-c", "core.quotePath=false", *args]
+    command = ["git", "-C", repo, *SAFE_CONFIG, *args]
     try:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except FileNotFoundError as exc:
@@ -115,7 +129,7 @@ def _stream(repo: str, args: list[str]) -> Iterator[Document]:
 
 def repo_root(directory: str) -> str:
     try:
-        proc = subprocess.run(["git", "-C", directory, "rev-parse", "--show-toplevel"],
+        proc = subprocess.run(["git", "-C", directory, *SAFE_CONFIG, "rev-parse", "--show-toplevel"],
                               capture_output=True, check=False)
     except FileNotFoundError as exc:
         raise ScanError("git is not installed") from exc

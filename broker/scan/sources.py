@@ -16,6 +16,7 @@ from typing import BinaryIO, Final
 
 from broker.scan.document import Document, decode
 from broker.scan.errors import Skipped, UsageError
+from broker.scan.gitsource import SAFE_CONFIG
 
 STDIN_PATH: Final = "<stdin>"
 _OPEN_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -38,11 +39,12 @@ def _tracked(directory: str) -> list[str] | None:
     """Tracked files below ``directory`` (absolute), or None when it is not in a git work tree."""
     try:
         proc = subprocess.run(
-            ["git", "-C", directory, "ls-files", "-z", "--cached", "--full-name", "--", "."],
+            ["git", "-C", directory, *SAFE_CONFIG, "ls-files", "-z", "--cached", "--full-name", "--", "."],
             capture_output=True, check=False,
         )
         top = subprocess.run(
-            ["git", "-C", directory, "rev-parse", "--show-toplevel"], capture_output=True, check=False
+            ["git", "-C", directory, *SAFE_CONFIG, "rev-parse", "--show-toplevel"], capture_output=True,
+            check=False
         )
     except FileNotFoundError:
         return None

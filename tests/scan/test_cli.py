@@ -254,3 +254,63 @@ def test_wired_into_the_broker_command(tree: tuple[Path, str]) -> None:
     clean = subprocess.run([sys.executable, "-m", "broker", "scan", "clean.py"], cwd=root, capture_output=True,
                            text=True, timeout=60)
     assert clean.returncode == 0
+
+
+def test_a_hostile_repository_config_changes_nothing(repo: Path, token) -> None:
+    # Committed or local git settings must neither blind the scan nor run commands: context lines
+    # between hunks, files declared binary, a fsmonitor hook.
+    (repo / "a.py").write_text("one = 1\ntwo = 2\nthree = 3\n")
+    (repo / "deploy.cfg").write_text("x = 1\n")
+    (repo / ".broker-scan.toml").write_text("[allowlist]\npaths = ['''^vendor/''']\n")
+    os.makedirs(repo / "vendor")
+    (repo / "vendor" / "v.py").write_text(f'GH = "{token("github-pat")}"\n')
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "base")
+    hook = repo.parent / "hook.sh"
+    marker = repo.parent / "hook-ran"
+    hook.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    hook.chmod(0o755)
+    git(repo, "config", "diff.interHunkContext", "10")
+    git(repo, "config", "core.fsmonitor", str(hook))
+    git(repo, "config", "core.bigFileThreshold", "1")
+    (repo / ".gitattributes").write_text("*.cfg -diff\n")
+    (repo / "a.py").write_text("one = 10\ntwo = 2\nthree = 30\n")
+    (repo / "b.env").write_text(f"export API_TOKEN={token('npm-token')}\n")
+    (repo / "deploy.cfg").write_text(f"x = 1\ntoken = {token('huggingface-token')}\n")
+    git(repo, "mv", "vendor/v.py", "moved.py")  # out of the allowlisted path
+    git(repo, "add", ".")
+    marker.unlink(missing_ok=True)  # our own git commands may run the hook; the scanner must not
+    found = sorted((f["path"], f["line"], f["rule"]) for f in run_scan("--staged", "--format", "json",
+                                                                        cwd=repo).json()["findings"])
+    assert found == [("b.env", 1, "npm-token"), ("deploy.cfg", 2, "huggingface-token"),
+                     ("moved.py", 1, "github-pat")]
+    assert not marker.exists()
+    git(repo, "commit", "-qm", "more")
+    marker.unlink(missing_ok=True)
+    history = {(f["path"], f["rule"]) for f in run_scan("--history", "--format", "json", cwd=repo).json()["findings"]}
+    assert {("b.env", "npm-token"), ("deploy.cfg", "huggingface-token"), ("moved.py", "github-pat")} <= history
+    assert not marker.exists()
+
+
+@pytest.mark.timeout(120)  # a hang guard: before possessive quantifiers these took minutes to hours
+@pytest.mark.parametrize("text", ["secret_key" + "\n" * 16000, "twilio_token" + " " * 8000,
+                                  "vault_token" + " " * 8000, "eyJ" * 340000,
+                                  "-----BEGIN RSA PRIVATE KEY-----\n" * 30000])
+def test_inputs_built_to_backtrack_finish(text: str, tmp_path: Path) -> None:
+    assert run_scan("-", cwd=tmp_path, stdin=text).code == 0
+
+
+def test_pgp_private_key_with_armor_headers(tmp_path: Path, rng) -> None:
+    body = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/") for _ in range(256))
+    key = ("-----BEGIN PGP PRIVATE KEY BLOCK-----\nVersion: GnuPG v2.0.22 (GNU/Linux)\n"
+           "Comment: GPGTools - https://gpgtools.org\n\n" + "\n".join(body[i:i + 64] for i in range(0, 256, 64))
+           + "\n=abcd\n-----END PGP PRIVATE KEY BLOCK-----\n")
+    report = run_scan("-", "--format", "json", cwd=tmp_path, stdin=key).json()
+    assert [f["rule"] for f in report["findings"]] == ["private-key"]
+
+
+@pytest.mark.parametrize("entry", ['stopwords = [""]', "regexes = ['']", "paths = ['']"])
+def test_an_empty_allowlist_entry_is_refused(tmp_path: Path, entry: str) -> None:
+    (tmp_path / ".broker-scan.toml").write_text(f"[allowlist]\n{entry}\n")
+    r = run_scan(".", cwd=tmp_path)
+    assert r.code == 2 and "an empty entry would allow every finding" in r.err
