@@ -133,9 +133,13 @@ def _wanted(pair: _Pair, side: int) -> int:
 class PurePump:
     """The pure-Python twin of ``broker._pump_native.NativePump``."""
 
-    def __init__(self, on_close: Callable[[int], None]) -> None:
+    def __init__(
+        self, on_close: Callable[[int], None], selector: selectors.BaseSelector | None = None
+    ) -> None:
+        """``selector`` (default: a new ``EpollSelector``) becomes the pump's own; it is closed by
+        ``stop()``. Injectable so that tests can make the kernel's refusals happen on cue."""
         self._on_close = on_close
-        self._selector = selectors.EpollSelector()
+        self._selector = selector if selector is not None else selectors.EpollSelector()
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._selector.register(self._wakeup, selectors.EVENT_READ, None)
         self._lock = threading.Lock()

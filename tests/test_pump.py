@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import select
+import selectors
 import socket
 import subprocess
 import sys
@@ -232,15 +233,15 @@ def test_daemon_closing_ends_the_pair_though_the_agent_stays_silent(pump: _pump.
 
 
 class _RefusingEpoll:
-    """An epoll object whose next modify() fails with ENOMEM, as the kernel's can under memory pressure."""
+    """An epoll object whose first modify() fails with ENOMEM, as the kernel's can under memory pressure."""
 
     def __init__(self, real: Any) -> None:
         self.real = real
-        self.armed = True
+        self.refused = 0
 
     def modify(self, fd: int, mask: int) -> None:
-        if self.armed:
-            self.armed = False
+        if not self.refused:
+            self.refused += 1
             raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
         self.real.modify(fd, mask)
 
@@ -248,22 +249,38 @@ class _RefusingEpoll:
         return getattr(self.real, name)
 
 
+class _RefusingSelector(selectors.EpollSelector):
+    """The stdlib's epoll selector over a refusing epoll object, built before the pump's thread starts,
+    so the refusal reaches the code under test through the selector's own error path (which unregisters
+    the socket) and never races with the loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoll = _RefusingEpoll(self._selector)  # type: ignore[has-type]
+        self._selector = self.epoll
+
+
 def test_pure_pump_survives_epoll_refusing_a_change(wire: Wire) -> None:
     # The pair whose registration could not be changed is closed; the loop and every other pair live on.
     closed = Closed()
-    pump = _pump.PurePump(closed)
+    selector = _RefusingSelector()
+    pump = _pump.PurePump(closed, selector)
     pump.start()
     try:
         agent, server = wire.open(pump, 1)
         stuck_agent, _unread = wire.open(pump, 2)
-        pump._selector._selector = _RefusingEpoll(pump._selector._selector)  # type: ignore[attr-defined]
-        # Nobody reads the daemon end: the pump must start waiting for it to drain, which needs a modify.
-        stuck_agent.setblocking(False)
-        with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
-            while True:
-                stuck_agent.send(bytes(65536))
+        # Nobody reads the daemon end of pair 2. Pair 1 is idle, so the first modify() is pair 2's: it
+        # comes at the latest when the daemon end's queue is full and the pump must wait for it to drain.
+        # Blocking sends until the pump closes the pair: a send can only block for good if the pump
+        # stopped reading without closing (a bug), which the hang guard turns into a failure. A
+        # non-blocking loop would stop at the first transient EAGAIN, possibly before the pump ever
+        # needed a modify (the flake this replaces).
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while not closed.ids:
+                stuck_agent.sendall(bytes(65536))
         closed.wait(1)
         assert closed.ids == [2]
+        assert selector.epoll.refused == 1
         agent.sendall(b"ping")
         assert server.recv(100) == b"ping"
         server.sendall(b"pong")
