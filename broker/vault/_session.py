@@ -57,6 +57,18 @@ def _field(body: Mapping[str, Any], section: str, key: str) -> Any:
     return part[key]
 
 
+def _flag(body: Mapping[str, Any], section: str, key: str) -> bool:
+    """An optional boolean of Vault's answer; absent means false, as Vault's API documents. The root token
+    of an initialised server is one such case: its lookup has no ``renewable`` at all."""
+    part = body.get(section)
+    if not isinstance(part, dict):
+        raise VaultUnavailable(f"Vault's answer lacks {section}")
+    value = part.get(key, False)
+    if not isinstance(value, bool):
+        raise VaultUnavailable(f"Vault's answer has a malformed {section}.{key}")
+    return value
+
+
 def _duration(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_SECONDS:
         raise VaultUnavailable("Vault's answer has a malformed TTL")
@@ -225,7 +237,7 @@ class VaultSession:
         if not isinstance(token, str) or not token:
             raise VaultUnavailable("Vault's login answer has no token")
         return (token, str(_field(body, "auth", "accessor")), _duration(_field(body, "auth", "lease_duration")),
-                bool(_field(body, "auth", "renewable")))
+                _flag(body, "auth", "renewable"))
 
     async def _secret_id(self, content: str) -> str:
         if _UUID_RE.match(content):
@@ -254,7 +266,7 @@ class VaultSession:
         except VaultRequestError as exc:
             raise VaultAuthError(f"the token in {self._settings.auth.token_file} is not valid: {exc}") from None
         return (token, str(_field(body, "data", "accessor")), _duration(_field(body, "data", "ttl")),
-                bool(_field(body, "data", "renewable")))
+                _flag(body, "data", "renewable"))
 
     def _schedule(self, ttl: int, renewable: bool, *, requested: int, fresh: bool) -> None:
         now = self._clock()
