@@ -17,7 +17,8 @@ When Vault fails, the cached value keeps being served until the limits above, re
 jitter, and :attr:`SecretManager.degraded` says what is wrong; past the limit, :meth:`get` raises
 :class:`SecretUnavailable`. Replaced leases are kept in the books until they expire, and every lease
 still alive is revoked in Vault by :meth:`revoke_workflow` and :meth:`close`; a revocation that fails
-is retried, never forgotten.
+is retried, never forgotten, until the credential expires; one that Vault's policy refuses (403) is
+retried too and reported in :attr:`SecretManager.degraded`, since the operator can grant the capability.
 
 Threading: every method runs on the daemon's event loop and the state is touched only there. Vault
 requests go through the session, whose transport runs hvac on its own thread; the loop awaits those
@@ -35,6 +36,7 @@ import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Final
 
 from broker.config import SecretSpec, Workflow
@@ -136,6 +138,9 @@ class SecretManager:
         self._unrevoked: list[tuple[str, Lease]] = []
         self._revoke_backoff = Backoff(rng, cap=RETRY_CAP)
         self._revoke_at = -math.inf
+        # Revocations that Vault's policy refused (403) at the last attempt: kept and retried, since an
+        # operator can grant the capability, and reported as degraded so that they do not go unseen.
+        self._refused: list[str] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -176,11 +181,15 @@ class SecretManager:
 
     @property
     def degraded(self) -> str | None:
-        """A summary of the secrets Vault currently fails to serve or refresh, or None."""
+        """A summary of the secrets Vault currently fails to serve, refresh or revoke, or None."""
+        reasons = []
         failing = [e for e in self._entries.values() if e.active and e.error is not None]
-        if not failing:
-            return None
-        return f"{len(failing)} secret(s) failing to refresh, e.g. {failing[0].name}: {failing[0].error}"
+        if failing:
+            reasons.append(f"{len(failing)} secret(s) failing to refresh, e.g. {failing[0].name}: {failing[0].error}")
+        if self._refused:
+            reasons.append(f"{len(self._refused)} revocation(s) refused by Vault's policy, retried until they expire, "
+                           f"e.g. {self._refused[0]}")
+        return "; ".join(reasons) or None
 
     # -- the request side -------------------------------------------------------------------------
 
@@ -438,6 +447,7 @@ class SecretManager:
 
     async def _retry_revocations(self) -> None:
         pending, self._unrevoked = self._unrevoked, []
+        refused: list[str] = []
         now = self._clock()
         for i, (name, lease) in enumerate(pending):
             if lease.expires_at <= now:
@@ -450,8 +460,16 @@ class SecretManager:
                 self._unrevoked.extend(pending[i:])
                 raise
             except VaultRequestError as exc:
-                # 4xx: the lease or token no longer exists (or was never ours to revoke); nothing to retry.
-                log.warning("vault revocation refused secret=%s: %s", name, exc)
+                if exc.status == HTTPStatus.FORBIDDEN:
+                    # Our policy lacks the revoke capability (a setup mistake an operator can fix while
+                    # we run): dropping it would leave the credential alive for its whole TTL.
+                    log.warning("vault revocation refused by policy secret=%s kind=%s: %s; will retry",
+                                name, lease.kind, exc)
+                    refused.append(f"{name} ({lease.kind}): {exc}")
+                    self._unrevoked.append((name, lease))
+                else:
+                    # Any other 4xx: the lease or token no longer exists; nothing to retry.
+                    log.warning("vault revocation refused secret=%s: %s", name, exc)
             except VaultError as exc:
                 log.warning("vault revocation failed secret=%s: %s; will retry", name, exc)
                 self._unrevoked.append((name, lease))
@@ -460,3 +478,4 @@ class SecretManager:
                     log.info("vault declined to revoke secret=%s kind=%s: %s", name, lease.kind, declined)
                 else:
                     log.info("vault lease revoked secret=%s kind=%s", name, lease.kind)
+        self._refused = refused

@@ -263,3 +263,39 @@ def test_a_credential_already_over_on_arrival_is_refused_not_reissued_in_a_loop(
     # Retried with backoff (a handful of requests in two seconds), never a tight loop of issues.
     assert 1 <= caplog.text.count("clocks out of step") <= 6
     assert "issued kind=pki" not in caplog.text
+
+
+def test_revocation_refused_by_policy_is_reported_and_retried(bao: OpenBao, admin: hvac.Client, creds_dir: str,
+                                                              pki: x509.Certificate) -> None:
+    # A policy without pki/revoke (an operator's mistake): the run's certificate cannot be revoked at run
+    # end. It must not be dropped (it would live for its whole TTL): reported, and revoked once allowed.
+    rules = """
+path "pki/issue/*" { capabilities = ["create", "update"] }
+path "sys/leases/revoke" { capabilities = ["update"] }
+"""
+    admin.sys.create_or_update_policy("no-pki-revoke", rules)
+    session = VaultSession(make_role(admin, creds_dir, policies=["no-pki-revoke"]).settings(bao.address))
+
+    async def main() -> None:
+        await session.start()
+        mgr = SecretManager(session, workflows(cert=SecretSpec("pki", role="agents", common_name="a4.agents.internal",
+                                                               ttl=600)), kv_refresh=60, max_staleness=60)
+        mgr.start()
+        run = mgr.watch_run("wf", "cert", "run-1")
+        mine = await anext(run)
+        await run.aclose()
+        assert not revoked(admin, mine)
+        assert mgr.degraded is not None and "1 revocation(s) refused by Vault's policy" in mgr.degraded
+        assert "wf/cert" in mgr.degraded and "certificate" in mgr.degraded
+        admin.sys.create_or_update_policy("no-pki-revoke", rules + 'path "pki/revoke" { capabilities = ["update"] }')
+        deadline = time.monotonic() + 60  # the retry backoff is capped at 15 s
+        while not revoked(admin, mine):
+            assert time.monotonic() < deadline, "the refused revocation was not retried"
+            await asyncio.sleep(0.2)
+        while mgr.degraded is not None:  # the books are updated right after the successful attempt
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await mgr.close()
+        await session.close()
+
+    asyncio.run(main())
