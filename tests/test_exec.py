@@ -67,7 +67,8 @@ def test_credentials_exist_before_start_and_vanish_after(exec_daemon: DaemonProc
     assert p.wait(30) == 7  # the child's exit code is the sidecar's
     d = str(start["dir"])
     assert start["files"] == ["crm.token", "generation", "plain.token"]
-    assert start["generation"] == 1
+    # At least the first generation: on a loaded machine the child may start after the first refresh.
+    assert isinstance(start["generation"], int) and start["generation"] >= 1
     assert d.startswith("/dev/shm/broker-exec-")
     mail = start["env"]["MAIL_TOKEN"]  # type: ignore[index]
     assert isinstance(mail, str)
@@ -82,7 +83,9 @@ def test_credentials_exist_before_start_and_vanish_after(exec_daemon: DaemonProc
     with TokenVerifier(exec_daemon.socket, "example.org") as v, pytest.raises(InvalidToken):
         v.verify(str(start["token"]), tool="crm")
     lines = [json.loads(x) for x in open(exec_daemon.audit_log).read().splitlines()]
-    assert sum(1 for x in lines if x["event"] == "revoke") == 3
+    # Every token the run was issued (three at start, more if a refresh came first) was revoked at exit.
+    minted = {x["jti"] for x in lines if x["event"] == "mint"}
+    assert len(minted) >= 3 and {x["jti"] for x in lines if x["event"] == "revoke"} == minted
 
 
 def test_files_are_private_and_swapped_with_signal(exec_daemon: DaemonProcess) -> None:
