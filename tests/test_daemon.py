@@ -55,6 +55,9 @@ def test_token_and_verify_through_the_cli(daemon: DaemonProcess) -> None:
     assert cli("verify", "--tool", "read_ticket", "-", "--socket", daemon.socket, stdin=token + "\n").returncode == 0
     wrong = cli("verify", "--tool", "send_email", "--audience", "read_ticket", token, "--socket", daemon.socket)
     assert wrong.returncode == 1 and "wrong tool" in wrong.stderr
+    # Without --audience the audience defaults to the other tool too: the cause is still the tool.
+    wrong = cli("verify", "--tool", "send_email", token, "--socket", daemon.socket)
+    assert wrong.returncode == 1 and "invalid token: wrong tool" in wrong.stderr
     tampered = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     bad = cli("verify", "--tool", "read_ticket", tampered, "--socket", daemon.socket)
     assert bad.returncode == 1 and "invalid token" in bad.stderr
