@@ -13,7 +13,7 @@ from typing import Final
 from broker import __version__, logs
 from broker import config as config_mod
 from broker.client import Client, resolve_socket
-from broker.errors import BrokerError, ConfigError, InvalidToken
+from broker.errors import BrokerError, ConfigError, InvalidToken, Refused
 
 
 def _duration(text: str) -> int:
@@ -215,6 +215,29 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _whoami(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        me = c.whoami()
+    if args.json:
+        print(json.dumps(me, indent=2, sort_keys=True))
+        return 0
+    user = f" (user {me['user']})" if me["user"] else ""
+    print("the broker daemon sees this process as:")
+    print(f"  pid {me['pid']}, uid {me['uid']}{user}, gid {me['gid']}")
+    print(f"  groups: {', '.join(me['groups']) or '(none with a name)'}")
+    # The exe is the program the kernel runs: for `python agent.py` or a console script, the interpreter.
+    print(f"  exe: {me['exe'] or '(none)'}")
+    if me["exe_sha256"]:
+        print(f"  exe_sha256: {me['exe_sha256']}")
+    print(f"  systemd_unit: {me['systemd_unit'] or '(not in a systemd unit)'}")
+    print(f"  workflows it matches: {', '.join(me['workflows']) or '(none)'}")
+    # This process is the broker command, run by Python: another program shows its own exe. An agent
+    # can ask for itself with Client().whoami().
+    print("(an agent run as the same user under the same interpreter looks the same; any other program "
+          "shows its own exe: ask from it with broker.client.Client().whoami())")
+    return 0
+
+
 def _reload(args: argparse.Namespace) -> int:
     with _client(args) as c:
         applied, problems, sha = c.reload()
@@ -245,7 +268,7 @@ def _config_check(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"serve": _serve, "token": _token, "verify": _verify, "jwks": _jwks, "config": _config_check,
-                "status": _status, "reload": _reload, "exec": _exec}
+                "status": _status, "reload": _reload, "exec": _exec, "whoami": _whoami}
     if args.command == "scan":
         from broker.scan import cli as scan_cli
 
@@ -258,6 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except BrokerError as exc:
         print(f"broker {args.command}: {exc}", file=sys.stderr)
+        if isinstance(exc, Refused) and exc.request_id:
+            print(f"broker {args.command}: the broker's audit log has the full reason on the line with "
+                  f'"request_id":"{exc.request_id}"; `broker whoami` shows what the broker sees of this '
+                  "process and which workflows it matches", file=sys.stderr)
         return 1
 
 

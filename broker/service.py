@@ -26,8 +26,9 @@ from broker._spiffe import workload_pb2 as wl
 from broker._spiffe import workload_pb2_grpc as wl_grpc
 from broker.attest import Caller, PeerCred, attest, exe_sha256, exe_sha256_known
 from broker.config import Config
-from broker.errors import AttestationError, InvalidToken, PermissionDenied
+from broker.errors import REQUEST_ID_HEADER, AttestationError, InvalidToken, PermissionDenied
 from broker.keyring import KeyRing
+from broker.logs import REQUEST_ID
 from broker.metrics import UNKNOWN, Metrics, denial_category
 from broker.policy import Grant, authorize_mint, caller_matches, svid_workflows
 from broker.v1 import broker_pb2 as pb
@@ -171,6 +172,14 @@ class Runtime:
             await asyncio.to_thread(exe_sha256, caller)
         return caller
 
+    async def caller_fields(self, context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, object]:
+        """Who presented a bad token, for its audit line; nothing when that cannot be attested (the
+        refusal stands either way: verification needs no caller identity)."""
+        try:
+            return (await self.caller(context)).audit_fields()
+        except AttestationError:
+            return {}
+
     def mint(self, grant: Grant, audience: tuple[str, ...], now: int) -> tuple[bytes, str, int]:
         cfg = self.config.broker
         jti = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()  # 128 random bits
@@ -223,6 +232,17 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusC
     raise AssertionError("unreachable: abort raises")
 
 
+async def _deny(context: grpc.aio.ServicerContext[Any, Any], exc: AttestationError | PermissionDenied) -> NoReturn:
+    """PERMISSION_DENIED naming the request id of the audit line that holds the reason (and carrying it as
+    trailing metadata); the reason itself only when it is the caller's own business."""
+    rid = REQUEST_ID.get()
+    text = f"permission denied: {exc.reason}" if isinstance(exc, PermissionDenied) and exc.caller_may_know \
+        else "permission denied"
+    await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{text} (request {rid})",
+                        trailing_metadata=((REQUEST_ID_HEADER, rid),))
+    raise AssertionError("unreachable: abort raises")
+
+
 def _name_ok(value: str, *, allow_empty: bool = False) -> bool:
     return (allow_empty or bool(value)) and len(value) <= MAX_NAME and value.isprintable()
 
@@ -251,6 +271,22 @@ class BrokerService(pb_grpc.BrokerServicer):
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
         return pb.StatusResponse(status_json=json.dumps(self._admin.status(), sort_keys=True))
 
+    async def WhoAmI(self, request: pb.WhoAmIRequest,
+                     context: grpc.aio.ServicerContext[Any, Any]) -> pb.WhoAmIResponse:
+        rt = self._rt
+        try:
+            caller = await rt.caller(context)
+        except AttestationError as exc:
+            rt.audit.record("deny", rpc="WhoAmI", decision="deny", reason=exc.reason)
+            await _deny(context, exc)
+        # Always the calling process itself, read from the kernel: the request names nobody, so no uid can
+        # learn another's selectors or workflows. Only workflows it matches are named.
+        workflows = [wf.name for wf in rt.config.workflows.values() if caller_matches(wf, caller)]
+        return pb.WhoAmIResponse(
+            pid=caller.pid, uid=caller.uid, gid=caller.gid, user=caller.user or "", groups=sorted(caller.group_names()),
+            exe=caller.exe or "", exe_sha256=(exe_sha256(caller) or "") if rt.config.hashes_exe else "",
+            systemd_unit=caller.systemd_unit or "", workflows=workflows)
+
     async def MintToken(self, request: pb.MintTokenRequest,
                         context: grpc.aio.ServicerContext[Any, Any]) -> pb.MintTokenResponse:
         rt = self._rt
@@ -267,7 +303,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             rt.audit.record("deny", **fields, **(caller.audit_fields() if caller else {}),
                             decision="deny", reason=exc.reason)
             rt.count_denial(request.workflow, request.tool, exc.reason)
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+            await _deny(context, exc)
         now = int(rt.clock())
         token, jti, exp = rt.mint(grant, (audience,), now)
         rt.metrics.count_mint(request.workflow, request.tool)
@@ -283,7 +319,8 @@ class BrokerService(pb_grpc.BrokerServicer):
             claims = await self._rt.verify(request.token, request.audience or request.tool, request.tool,
                                            int(self._rt.clock()))
         except InvalidToken as exc:
-            self._rt.audit.record("verify", tool=request.tool, decision="deny", reason=exc.reason)
+            self._rt.audit.record("verify", tool=request.tool, **await self._rt.caller_fields(context),
+                                  decision="deny", reason=exc.reason)
             # The presenter already holds the token; telling it why it failed leaks nothing new.
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"invalid token: {exc.reason}")
         return pb.VerifyTokenResponse(claims_json=json.dumps(claims.to_json_dict(), separators=(",", ":")))
@@ -363,7 +400,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             rt.audit.record("deny", rpc="GetSecret", workflow=request.workflow, tool=request.tool,
                             **(caller.audit_fields() if caller else {}), decision="deny", reason=exc.reason)
             rt.count_denial(request.workflow, request.tool, exc.reason)
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+            await _deny(context, exc)
         return caller
 
     def _secret_reply(self, request: pb.GetSecretRequest, caller: Caller, value: SecretValue) -> pb.Secret:
@@ -423,7 +460,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         except (AttestationError, PermissionDenied) as exc:
             rt.audit.record("deny", workflow=request.workflow, **(caller.audit_fields() if caller else {}),
                             decision="deny", reason=exc.reason)
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+            await _deny(context, exc)
         return pb.DescribeWorkflowResponse(workflow=wf.name, tools=[
             pb.ToolDelivery(tool=t.name, ttl_seconds=t.ttl, env=t.env or "", file=t.file or "",
                             has_secret=t.secret is not None) for t in wf.tools.values()])
@@ -499,7 +536,8 @@ class WorkloadAPI(wl_grpc.SpiffeWorkloadAPIServicer):
         try:
             claims = await self._rt.verify(request.svid, request.audience, None, int(self._rt.clock()))
         except InvalidToken as exc:
-            self._rt.audit.record("verify", audience=request.audience, decision="deny", reason=exc.reason)
+            self._rt.audit.record("verify", audience=request.audience, **await self._rt.caller_fields(context),
+                                  decision="deny", reason=exc.reason)
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"could not validate JWT-SVID: {exc.reason}")
         st = struct_pb2.Struct()
         st.update(claims.to_json_dict())

@@ -86,16 +86,20 @@ def test_socket_resolution_order(daemon: DaemonProcess, short_tmp: str) -> None:
     assert r.returncode == 1 and "unreachable" in r.stderr
 
 
-@pytest.mark.parametrize(("workflow", "tool", "reason"), [
-    ("support-summarize", "export_all_customers", "not granted"),
-    ("no-such-workflow", "read_ticket", "unknown workflow"),
-    ("billing", "charge", "does not match"),
+@pytest.mark.parametrize(("workflow", "tool", "reason", "told"), [
+    # A member's own mistake is said to it: DescribeWorkflow would show it the tools anyway.
+    ("support-summarize", "export_all_customers", "not granted",
+     "permission denied: tool 'export_all_customers' is not granted to workflow 'support-summarize'"),
+    # A non-member learns nothing, not even whether the workflow exists.
+    ("no-such-workflow", "read_ticket", "unknown workflow", "permission denied"),
+    ("billing", "charge", "does not match", "permission denied"),
 ])
-def test_denials_are_generic_and_audited(daemon: DaemonProcess, workflow: str, tool: str, reason: str) -> None:
+def test_denials_are_generic_and_audited(daemon: DaemonProcess, workflow: str, tool: str, reason: str,
+                                         told: str) -> None:
     with Client(daemon.socket) as c, pytest.raises(PermissionDenied) as exc:
         c.mint(workflow, tool)
-    assert exc.value.reason == "permission denied"  # the precise reason is for the audit log only
     last = audit_lines(daemon)[-1]
+    assert exc.value.reason == f"{told} (request {last['request_id']})"
     assert last["event"] == "deny" and reason in str(last["reason"])
     assert last["pid"] == os.getpid() and last["uid"] == os.geteuid() and last["exe"]
 
