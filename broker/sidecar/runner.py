@@ -129,6 +129,11 @@ class Sidecar:
             raise BrokerError(f"workflow {self._o.workflow!r} has no tool(s) {', '.join(unknown)}")
         chosen = [by_name[t] for t in (self._o.tools or tuple(by_name))]
         self._dir = CredentialDir()
+        if self._dir.stale_tokens:
+            # A run killed before it could clean up (kill -9, OOM) left tokens that its agent's children
+            # may still hold: they stop verifying now, not at their expiry.
+            log.warning("revoking %d token(s) of an earlier run that was killed", len(self._dir.stale_tokens))
+            await self._revoke(self._dir.stale_tokens, "of a killed earlier run")
         for t in chosen:
             # A tool with no delivery configured still gets a file: something the agent can read.
             self._creds.append(_Credential(t.tool, t.env, t.file or ("" if t.env else f"{t.tool}.token"),
@@ -174,6 +179,8 @@ class Sidecar:
         # Expired tokens need no revocation: the list holds only what could still be presented.
         cred.issued = [(t, exp) for t, exp in cred.issued if exp > now]
         cred.issued.append((minted.token, minted.expires_at))
+        # Written down before the token reaches the agent: if this sidecar is killed, the next run revokes it.
+        self._dir.record_issued([i for c in self._creds for i in c.issued])
         cred.refresh_at = minted.refresh_at(self._o.refresh_fraction)
         cred.backoff = 0.5
         if cred.file:
@@ -351,19 +358,23 @@ class Sidecar:
                 with contextlib.suppress(Exception):
                     await cred.secret_stream.aclose()
         now = self._clock()
-        # Newest first: those live longest. Each batch on its own, so one failure skips no other.
+        # Newest first: those live longest.
         tokens = [t for t, exp in sorted((i for c in self._creds for i in c.issued), key=lambda i: -i[1])
                   if exp > now]
-        for i in range(0, len(tokens), REVOKE_BATCH):
-            # Tell the daemon this run is over: its tokens stop verifying now, not at their expiry.
-            try:
-                await asyncio.wait_for(self._client.revoke(tokens[i:i + REVOKE_BATCH]), 5)
-            except (BrokerError, TimeoutError) as exc:
-                log.warning("could not revoke %d token(s) of this run (%s); they end at their "
-                            "expiry", len(tokens[i:i + REVOKE_BATCH]), type(exc).__name__)
+        # Tell the daemon this run is over: its tokens stop verifying now, not at their expiry.
+        await self._revoke(tokens, "of this run")
         if self._dir is not None:
             self._dir.cleanup()
         await self._client.close()
+
+    async def _revoke(self, tokens: list[str], whose: str) -> None:
+        # Each batch on its own, so one failure skips no other.
+        for i in range(0, len(tokens), REVOKE_BATCH):
+            try:
+                await asyncio.wait_for(self._client.revoke(tokens[i:i + REVOKE_BATCH]), 5)
+            except (BrokerError, TimeoutError) as exc:
+                log.warning("could not revoke %d token(s) %s (%s); they end at their expiry",
+                            len(tokens[i:i + REVOKE_BATCH]), whose, type(exc).__name__)
 
 
 class Child:
