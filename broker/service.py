@@ -257,7 +257,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         try:
             caller = await self._rt.admin(context)
         except (AttestationError, PermissionDenied) as exc:
-            self._rt.audit.record("deny", rpc="Reload", decision="deny", reason=exc.reason)
+            self._rt.audit.record("deny", rpc="Reload", **await self._rt.caller_fields(context), decision="deny",
+                                  reason=exc.reason)
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
         applied, problems, sha = await self._admin.reload(caller.audit_fields())
         return pb.ReloadResponse(applied=applied, problems=problems, config_sha256=sha)
@@ -267,7 +268,8 @@ class BrokerService(pb_grpc.BrokerServicer):
         try:
             await self._rt.admin(context)
         except (AttestationError, PermissionDenied) as exc:
-            self._rt.audit.record("deny", rpc="Status", decision="deny", reason=exc.reason)
+            self._rt.audit.record("deny", rpc="Status", **await self._rt.caller_fields(context), decision="deny",
+                                  reason=exc.reason)
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
         return pb.StatusResponse(status_json=json.dumps(self._admin.status(), sort_keys=True))
 

@@ -22,7 +22,7 @@ from broker.errors import BrokerError, PermissionDenied
 
 def main() -> int:
     uid, gid, action, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    client = Client(path, retries=0) if action.startswith(("mint", "revoke", "whoami")) else None
+    client = Client(path, retries=0) if action.startswith(("mint", "revoke", "whoami", "status")) else None
     token = sys.stdin.readline().strip() if action == "revoke" else ""  # never in argv
     os.setgroups([])
     os.setgid(gid)
@@ -40,6 +40,14 @@ def main() -> int:
         assert client is not None
         with client:
             result["revoked"] = client.revoke([token])
+    elif action == "status":
+        assert client is not None
+        try:
+            with client:
+                client.status()
+            result["code"] = "OK"
+        except PermissionDenied:
+            result["code"] = "PERMISSION_DENIED"
     elif action == "whoami":
         assert client is not None
         with client:

@@ -47,3 +47,20 @@ def test_the_per_user_setup_in_the_readme_works(short_tmp: str) -> None:
             token = subprocess.run([str(VENV_PYTHON), "-m", "broker", "token", "--workflow", "my-agent", "--tool",
                                     "crm"], env=cli_env, capture_output=True, text=True, timeout=60)
             assert token.returncode == 0 and token.stdout.count(".") == 2, token.stderr
+
+
+def test_the_audit_section_lists_every_event_the_code_writes() -> None:
+    written = set()
+    for path in (ROOT / "broker").rglob("*.py"):
+        written |= set(re.findall(r'audit\.record\(\s*"([a-z_]+)"', path.read_text()))
+    section = (ROOT / "README.md").read_text().split("## Audit log", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.M))
+    assert written and documented == written
+
+
+def test_the_grpc_section_lists_every_rpc_of_the_broker_service() -> None:
+    from broker.v1 import broker_pb2
+
+    rpcs = set(broker_pb2.DESCRIPTOR.services_by_name["Broker"].methods_by_name)
+    section = (ROOT / "README.md").read_text().split("## gRPC surface", 1)[1].split("\n## ", 1)[0]
+    assert {r for r in rpcs if f"`{r}`" not in section} == set()

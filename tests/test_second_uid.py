@@ -107,7 +107,7 @@ def test_one_uid_cannot_take_every_connection(short_tmp: str, throwaway_user: pw
             s.close()
 
 
-def test_whoami_describes_the_second_uid_to_itself_only(short_tmp: str, throwaway_user: pwd.struct_passwd) -> None:
+def test_whoami_and_admin_denials_for_a_second_uid(short_tmp: str, throwaway_user: pwd.struct_passwd) -> None:
     os.chmod(short_tmp, 0o755)
     workflows = [
         WorkflowSpec("root-only", callers=[{"uid": 0}], tools=[{"name": "t"}]),
@@ -117,7 +117,11 @@ def test_whoami_describes_the_second_uid_to_itself_only(short_tmp: str, throwawa
     with open(path, "w") as f:
         f.write(config_text(short_tmp, workflows))
     sock = os.path.join(short_tmp, "broker.sock")
-    with running_daemon(path, sock, os.path.join(short_tmp, "audit.jsonl")), Client(sock) as c:
+    with running_daemon(path, sock, os.path.join(short_tmp, "audit.jsonl")) as d, Client(sock) as c:
+        # Not an admin (root or the daemon's uid): refused, and the audit line says who asked.
+        assert as_user(throwaway_user, "status", sock)["code"] == "PERMISSION_DENIED"
+        denied = [json.loads(x) for x in open(d.audit_log) if '"rpc":"Status"' in x]
+        assert denied and denied[-1]["uid"] == throwaway_user.pw_uid and denied[-1]["pid"] > 0
         me = as_user(throwaway_user, "whoami", sock)["whoami"]
         assert isinstance(me, dict)
         # The kernel's view of the connecting process: the dropped uid, its own name, only its workflow.
