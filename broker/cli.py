@@ -282,9 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokerError as exc:
         print(f"broker {args.command}: {exc}", file=sys.stderr)
         if isinstance(exc, Refused) and exc.request_id:
-            print(f"broker {args.command}: the broker's audit log has the full reason on the line with "
-                  f'"request_id":"{exc.request_id}"; `broker whoami` shows what the broker sees of this '
-                  "process and which workflows it matches", file=sys.stderr)
+            print(f"broker {args.command}: {exc.where_to_look}", file=sys.stderr)
         return 1
 
 

@@ -99,6 +99,12 @@ class Refused(PermissionDenied):
     def __str__(self) -> str:
         return self.reason
 
+    @property
+    def where_to_look(self) -> str:
+        """For a person reading the refusal: where the full reason is, and how to see one's own selectors."""
+        return (f'the broker\'s audit log has the full reason on the line with "request_id":"{self.request_id}"; '
+                "`broker whoami` shows what the broker sees of a process and which workflows it matches")
+
 
 class AttestationError(_ReasonedError):
     """The calling process could not be identified from the kernel and /proc."""

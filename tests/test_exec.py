@@ -197,7 +197,10 @@ def test_denied_workflow_never_starts_the_child(exec_daemon: DaemonProcess) -> N
     p = sidecar(exec_daemon.socket, "--workflow", "other", child=("", "-", "0", "0"))
     assert p.wait(30) == 1
     assert p.stdout is not None and p.stdout.read() == ""
-    assert p.stderr is not None and "permission denied" in p.stderr.read()
+    assert p.stderr is not None
+    err = p.stderr.read()
+    assert "permission denied (request " in err and "audit log has the full reason" in err, err
+    assert "broker exec: broker exec" not in err and "broker.exec: broker exec" not in err  # said once
 
 
 def test_unreachable_daemon_keeps_then_removes_then_restores(short_tmp: str) -> None:

@@ -3,6 +3,7 @@ calling process, and what a refused caller is told (its own mistakes; never anot
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -11,7 +12,7 @@ import sys
 
 import pytest
 
-from broker.client import Client
+from broker.client import AsyncClient, Client
 from broker.errors import PermissionDenied, Refused
 from broker.testing import DaemonProcess, WorkflowSpec, config_text, running_daemon
 from tests.conftest import EXE
@@ -92,3 +93,14 @@ def test_a_verify_denial_names_who_presented_the_token(daemon: DaemonProcess) ->
     line = [x for x in audit_lines(daemon) if x["event"] == "verify"][-1]
     assert line["decision"] == "deny" and line["reason"] == "wrong tool"
     assert line["uid"] == os.geteuid() and line["exe"] == EXE and isinstance(line["pid"], int)
+
+
+def test_the_async_client_gets_the_request_id_too(daemon: DaemonProcess) -> None:
+    async def main() -> Refused:
+        async with AsyncClient(daemon.socket) as c:
+            with pytest.raises(Refused) as exc:
+                await c.mint("billing", "charge")
+            return exc.value
+
+    refused = asyncio.run(main())
+    assert refused.request_id and str(refused) == f"permission denied (request {refused.request_id})"

@@ -25,7 +25,7 @@ from typing import Final, TypeVar
 import uvloop
 
 from broker.client import AsyncClient, Minted
-from broker.errors import BrokerError, Unavailable
+from broker.errors import BrokerError, Refused, Unavailable
 from broker.sidecar.credfiles import CredentialDir
 from broker.vault import SecretValue
 
@@ -106,6 +106,8 @@ class Sidecar:
                 await self._preparing
             except (BrokerError, OSError) as exc:
                 log.error("%s", exc)
+                if isinstance(exc, Refused) and exc.request_id:
+                    log.error("%s", exc.where_to_look)
                 return 1
             except asyncio.CancelledError:
                 if self._stopped_by is None:
