@@ -539,9 +539,29 @@ def host_warnings(cfg: Config) -> list[ConfigProblem]:
                 found.append(ConfigProblem(f"{where}.user", f"no user {rule.user!r} on this host"))
             if rule.group is not None and not _exists(grp.getgrnam, rule.group):
                 found.append(ConfigProblem(f"{where}.group", f"no group {rule.group!r} on this host"))
-            if rule.exe is not None and not (os.path.isfile(rule.exe) and os.access(rule.exe, os.X_OK)):
-                found.append(ConfigProblem(f"{where}.exe", f"{rule.exe} is not an executable file on this host"))
+            if rule.exe is not None:
+                problem = _exe_problem(rule.exe)
+                if problem:
+                    found.append(ConfigProblem(f"{where}.exe", problem))
     return found
+
+
+def _exe_problem(exe: str) -> str | None:
+    """Why an ``exe`` selector cannot match as written: the kernel reports the resolved binary it runs."""
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        return f"{exe} is not an executable file on this host"
+    real = os.path.realpath(exe)
+    if real != exe:
+        return f"{exe} resolves to {real}, the path the kernel reports: this rule never matches as written"
+    try:
+        with open(exe, "rb") as f:
+            script = f.read(2) == b"#!"
+    except OSError:
+        return None
+    if script:
+        return (f"{exe} is a script: the kernel reports its interpreter as the exe (see `broker whoami`), "
+                "so this rule never matches")
+    return None
 
 
 def _exists(lookup: Callable[[str], object], name: str) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -261,8 +263,24 @@ def test_host_warnings_name_missing_users_groups_and_executables() -> None:
     data = GOOD.replace(b'exe = "/usr/bin/python3.11"', b'exe = "/nonexistent/python"\n  user = "no-such-user-x"\n'
                                                         b'  group = "no-such-group-x"') \
         + b'[[workflow]]\nname = "w2"\ntenant = "t"\n[[workflow.caller]]\nuser = "root"\ngroup = "root"\n' \
-        + b'exe = "' + sys.executable.encode() + b'"\n'
+        + b'exe = "' + os.path.realpath(sys.executable).encode() + b'"\n'
     warned = [str(w) for w in config.host_warnings(config.parse(data))]
     assert warned == ["workflow[0].caller[0].user: no user 'no-such-user-x' on this host",
                       "workflow[0].caller[0].group: no group 'no-such-group-x' on this host",
                       "workflow[0].caller[0].exe: /nonexistent/python is not an executable file on this host"]
+
+
+def test_host_warnings_name_exe_rules_that_can_never_match(tmp_path: pathlib.Path) -> None:
+    # The kernel reports the resolved binary: a symlink (a venv's python) or a script never matches.
+    link, script = tmp_path / "python", tmp_path / "agent.sh"
+    link.symlink_to(os.path.realpath(sys.executable))
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    data = GOOD.replace(b'exe = "/usr/bin/python3.11"', b'exe = "' + str(link).encode() + b'"') \
+        + b'[[workflow]]\nname = "w2"\ntenant = "t"\n[[workflow.caller]]\nexe = "' + str(script).encode() + b'"\n'
+    warned = [str(w) for w in config.host_warnings(config.parse(data))]
+    assert warned == [
+        f"workflow[0].caller[0].exe: {link} resolves to {os.path.realpath(sys.executable)}, the path the kernel "
+        "reports: this rule never matches as written",
+        f"workflow[1].caller[0].exe: {script} is a script: the kernel reports its interpreter as the exe (see "
+        "`broker whoami`), so this rule never matches"]
