@@ -1,7 +1,8 @@
 """The gRPC edge: our ``broker.v1.Broker`` service and the SPIFFE Workload API (JWT half).
 
-This is the only module that maps broker errors to gRPC status codes. Callers get generic text; the
-precise reason goes to the audit log. Request flow per call:
+This is the only module that maps broker errors to gRPC status codes. Callers get generic text and the
+request id of the audit line that holds the precise reason (a member's own mistake is said to it: see
+``broker.errors``). Request flow per call:
 peer -> attestation (``broker.attest``) -> policy (``broker.policy``) -> token engine -> audit -> reply.
 """
 
@@ -259,7 +260,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         except (AttestationError, PermissionDenied) as exc:
             self._rt.audit.record("deny", rpc="Reload", **await self._rt.caller_fields(context), decision="deny",
                                   reason=exc.reason)
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+            await _deny(context, exc)
         applied, problems, sha = await self._admin.reload(caller.audit_fields())
         return pb.ReloadResponse(applied=applied, problems=problems, config_sha256=sha)
 
@@ -270,7 +271,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         except (AttestationError, PermissionDenied) as exc:
             self._rt.audit.record("deny", rpc="Status", **await self._rt.caller_fields(context), decision="deny",
                                   reason=exc.reason)
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+            await _deny(context, exc)
         return pb.StatusResponse(status_json=json.dumps(self._admin.status(), sort_keys=True))
 
     async def WhoAmI(self, request: pb.WhoAmIRequest,
@@ -347,7 +348,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             caller = await rt.caller(context)
         except AttestationError as exc:
             rt.audit.record("deny", rpc="RevokeTokens", decision="deny", reason=exc.reason)
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+            await _deny(context, exc)
         now = int(rt.clock())
         count = 0
         for token in request.tokens:

@@ -46,8 +46,9 @@ def main() -> int:
             with client:
                 client.status()
             result["code"] = "OK"
-        except PermissionDenied:
+        except PermissionDenied as exc:
             result["code"] = "PERMISSION_DENIED"
+            result["message"] = str(exc)
     elif action == "whoami":
         assert client is not None
         with client:

@@ -119,9 +119,11 @@ def test_whoami_and_admin_denials_for_a_second_uid(short_tmp: str, throwaway_use
     sock = os.path.join(short_tmp, "broker.sock")
     with running_daemon(path, sock, os.path.join(short_tmp, "audit.jsonl")) as d, Client(sock) as c:
         # Not an admin (root or the daemon's uid): refused, and the audit line says who asked.
-        assert as_user(throwaway_user, "status", sock)["code"] == "PERMISSION_DENIED"
+        refused = as_user(throwaway_user, "status", sock)
+        assert refused["code"] == "PERMISSION_DENIED"
         denied = [json.loads(x) for x in open(d.audit_log) if '"rpc":"Status"' in x]
         assert denied and denied[-1]["uid"] == throwaway_user.pw_uid and denied[-1]["pid"] > 0
+        assert refused["message"] == f"permission denied (request {denied[-1]['request_id']})"
         me = as_user(throwaway_user, "whoami", sock)["whoami"]
         assert isinstance(me, dict)
         # The kernel's view of the connecting process: the dropped uid, its own name, only its workflow.
