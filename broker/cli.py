@@ -276,8 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"broker: {problem}", file=sys.stderr)
+        # Only a --config file read for its socket path gets here: serve and config check report their own.
+        _config_problems(args.config, exc)
         return 1
     except BrokerError as exc:
         print(f"broker {args.command}: {exc}", file=sys.stderr)

@@ -65,3 +65,12 @@ def test_serve_names_the_file_of_a_config_error(short_tmp: str) -> None:
     r = run("serve", "--config", cfg)
     assert r.returncode == 1
     assert f'{cfg}: workflow[0].tool[1].ttl: expected a duration string such as "90s"' in r.stderr, r.stderr
+
+
+def test_a_client_config_error_names_the_file(short_tmp: str) -> None:
+    cfg = os.path.join(short_tmp, "broker.toml")
+    with open(cfg, "w") as f:
+        f.write('[broker]\ntrust_domain = "example.org"\nsocket = "relative.sock"\n')
+    r = run("whoami", "--config", cfg)
+    assert r.returncode == 1
+    assert f"{cfg}: broker.socket: must be an absolute path" in r.stderr, r.stderr
