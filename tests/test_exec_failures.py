@@ -131,3 +131,31 @@ def test_waiting_for_an_absent_daemon_names_the_socket_and_waits_the_whole_timeo
                        for n in (0, 11, 21)], waiting
     assert f"gave up after 25.0s: broker daemon at {client.socket_path} is unreachable" in caplog.text
     assert "broker exec: broker exec" not in caplog.text and os.listdir(runtime_dir) == []
+
+
+class DaemonGoneAtExit(ScriptedClient):
+    """Mints, then is unreachable when the run tries to revoke at exit."""
+
+    async def describe(self, workflow: str) -> list[pb.ToolDelivery]:
+        return [pb.ToolDelivery(tool="crm", file="crm.token")]
+
+    async def revoke(self, tokens: list[str]) -> int:
+        raise Unavailable("broker daemon at /nowhere is unreachable (UNAVAILABLE)")
+
+
+def test_tokens_the_daemon_could_not_revoke_at_exit_are_left_for_the_next_run(runtime_dir: str) -> None:
+    async def main() -> int:
+        sidecar = Sidecar(ExecOptions("agent", ["true"]))
+        await sidecar._client.close()
+        sidecar._client = DaemonGoneAtExit()  # type: ignore[assignment]
+        return await sidecar.run()
+
+    assert asyncio.run(main()) == 0
+    # The credentials directory is gone; the list of live tokens stays for the next run to revoke.
+    [left] = os.listdir(runtime_dir)
+    assert left.startswith(f"broker-exec-{os.getpid()}-") and left.endswith(".issued")
+    with open(os.path.join(runtime_dir, left)) as f:
+        lines = f.read().splitlines()
+    # The scripted token is always due for refresh, so the run may have minted it more than once.
+    assert lines and set(lines) == {f"{2**31} secret-token-crm"}
+    assert os.stat(os.path.join(runtime_dir, left)).st_mode & 0o777 == 0o600

@@ -167,7 +167,9 @@ class CredentialDir:
             os.unlink(os.path.join(self.path, name))
         _fsync_dir(self.path)
 
-    def cleanup(self) -> None:
+    def cleanup(self, *, keep_issued: bool = False) -> None:
+        """Delete the directory, and the list of issued tokens unless a later run must revoke them."""
         shutil.rmtree(self.path, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path + ISSUED_SUFFIX)
+        if not keep_issued:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path + ISSUED_SUFFIX)

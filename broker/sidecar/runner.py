@@ -361,22 +361,31 @@ class Sidecar:
                     await cred.secret_stream.aclose()
         now = self._clock()
         # Newest first: those live longest.
-        tokens = [t for t, exp in sorted((i for c in self._creds for i in c.issued), key=lambda i: -i[1])
-                  if exp > now]
+        issued = sorted(((t, exp) for c in self._creds for t, exp in c.issued if exp > now), key=lambda i: -i[1])
         # Tell the daemon this run is over: its tokens stop verifying now, not at their expiry.
-        await self._revoke(tokens, "of this run")
+        failed = await self._revoke([t for t, _ in issued], "of this run")
         if self._dir is not None:
-            self._dir.cleanup()
+            left = [i for i in issued if i[0] in failed]
+            if left:
+                # The daemon is away: the list stays, and the next run (once this pid is gone) revokes them.
+                self._dir.record_issued(left)
+                log.warning("the next broker exec of this user revokes them if they are still alive")
+            self._dir.cleanup(keep_issued=bool(left))
         await self._client.close()
 
-    async def _revoke(self, tokens: list[str], whose: str) -> None:
+    async def _revoke(self, tokens: list[str], whose: str) -> set[str]:
+        """Revoke in batches; return the tokens that could not be revoked."""
+        failed: set[str] = set()
         # Each batch on its own, so one failure skips no other.
         for i in range(0, len(tokens), REVOKE_BATCH):
+            batch = tokens[i:i + REVOKE_BATCH]
             try:
-                await asyncio.wait_for(self._client.revoke(tokens[i:i + REVOKE_BATCH]), 5)
+                await asyncio.wait_for(self._client.revoke(batch), 5)
             except (BrokerError, TimeoutError) as exc:
+                failed.update(batch)
                 log.warning("could not revoke %d token(s) %s (%s); they end at their expiry",
-                            len(tokens[i:i + REVOKE_BATCH]), whose, type(exc).__name__)
+                            len(batch), whose, type(exc).__name__)
+        return failed
 
 
 class Child:
