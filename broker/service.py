@@ -174,8 +174,8 @@ class Runtime:
         return caller
 
     async def caller_fields(self, context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, object]:
-        """Who presented a bad token, for its audit line; nothing when that cannot be attested (the
-        refusal stands either way: verification needs no caller identity)."""
+        """The caller's audit fields for a refusal's line (a bad token, an admin RPC by a non-admin);
+        nothing when it cannot be attested: the refusal stands either way."""
         try:
             return (await self.caller(context)).audit_fields()
         except AttestationError:
