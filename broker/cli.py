@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Final
 
+from broker import __version__, logs
 from broker import config as config_mod
-from broker import logs
 from broker.client import Client, resolve_socket
-from broker.errors import BrokerError, ConfigError, InvalidToken
+from broker.errors import BrokerError, ConfigError, InvalidToken, Refused
 
 
 def _duration(text: str) -> int:
@@ -35,25 +37,40 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="read the socket path from this config file")
 
 
+EXAMPLES: Final = """examples:
+  broker config check broker.toml          validate a config (and warn about unknown users, groups, exes)
+  broker serve --config broker.toml        run the daemon in the foreground
+  broker whoami                            what the daemon sees of this process, which workflows match
+  broker token --workflow W --tool T       print a token for tool T
+  broker exec --workflow W -- ./agent.sh   run an agent with the workflow's credentials kept fresh
+  broker scan --staged                     look for hardcoded secrets before committing
+
+The socket comes from --socket, $BROKER_SOCKET, --config's [broker] socket, $SPIFFE_ENDPOINT_SOCKET,
+then the default. `broker COMMAND --help` describes each command."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="broker", description="Short-lived, scoped credentials for AI agents.")
+    ap = argparse.ArgumentParser(prog="broker", description="Short-lived, scoped credentials for AI agents.",
+                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"broker {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the daemon in the foreground (logs to stderr)")
     p.add_argument("--config", required=True, help="TOML configuration file")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="the least severe messages to log (default: info)")
     p.add_argument("--log-format", default="auto", choices=["auto", "json", "text"],
                    help="auto: JSON unless stderr is a terminal")
 
     p = sub.add_parser("token", help="ask the daemon for a token; prints it on stdout")
-    p.add_argument("--workflow", required=True)
-    p.add_argument("--tool", required=True)
+    p.add_argument("--workflow", required=True, help="the workflow whose scope the token carries")
+    p.add_argument("--tool", required=True, help="the tool the token is for")
     p.add_argument("--audience", default="", help="defaults to the tool name")
     p.add_argument("--ttl", type=_duration, default=0, help="e.g. 90s; at most the tool's ttl")
     _client_args(p)
 
     p = sub.add_parser("verify", help="verify a token; prints its claims as JSON")
-    p.add_argument("--tool", required=True)
+    p.add_argument("--tool", required=True, help="the tool the token must be for")
     p.add_argument("--audience", default="", help="defaults to the tool name")
     p.add_argument("token", metavar="TOKEN", help="the token, or - to read it from stdin (keeps it out of argv)")
     _client_args(p)
@@ -64,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("exec", help="run COMMAND with the workflow's credentials delivered and kept fresh",
                        usage="broker exec --workflow W [--tool T ...] [--restart | --signal SIG] [--grace 10s] "
                              "[--refresh-fraction 0.5] [--wait-timeout 60s] -- COMMAND [ARGS...]")
-    p.add_argument("--workflow", required=True)
+    p.add_argument("--workflow", required=True, help="the workflow whose credentials COMMAND gets")
     p.add_argument("--tool", action="append", default=[], help="only these tools (repeatable; default: all)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--restart", action="store_true",
@@ -75,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="replace a credential at this fraction of its lifetime (default 0.5, with jitter)")
     p.add_argument("--wait-timeout", type=_duration, default=60,
                    help="how long to wait for the daemon before giving up (default 60s)")
-    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]",
+                   help="the command to run, after --")
     _client_args(p)
 
     p = sub.add_parser("status", help="summarise the daemon's state (root or the daemon's uid)")
@@ -85,10 +103,15 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reload", help="make the daemon re-read its config (root or the daemon's uid)")
     _client_args(p)
 
+    p = sub.add_parser("whoami", help="what the daemon sees of this process: the selectors a caller block "
+                                      "can match, and which workflows match")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    _client_args(p)
+
     p = sub.add_parser("config", help="configuration tools")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     c = csub.add_parser("check", help="validate a configuration file")
-    c.add_argument("file")
+    c.add_argument("file", help="the TOML file to check")
 
     from broker.scan import cli as scan_cli
 
@@ -101,9 +124,25 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(resolve_socket(args.socket, args.config))
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _config_problems(path: str, exc: ConfigError) -> None:
+    for problem in exc.problems:
+        # A problem without a key path is about the file itself and already names it.
+        print(f"{path}: {problem}" if problem.path else str(problem), file=sys.stderr)
+
+
 def _serve(args: argparse.Namespace) -> int:
     logs.setup(args.log_level, args.log_format)
-    cfg = config_mod.load(args.config)
+    try:
+        cfg = config_mod.load(args.config)
+    except ConfigError as exc:
+        _config_problems(args.config, exc)
+        return 1
+    for warning in config_mod.host_warnings(cfg):
+        logging.getLogger("broker").warning("%s: %s", args.config, warning)
     from broker.daemon import serve
 
     serve(cfg, args.config)
@@ -167,7 +206,35 @@ def _status(args: argparse.Namespace) -> int:
     print(f"  workflows: {', '.join(st['workflows']) or '(none)'}")
     print(f"  since start: {st['mints']} mints, {st['denials']} denials; {st['connections']} connections open, "
           f"{st['revoked_tokens']} revoked tokens")
+    vault = st.get("vault")
+    if vault:
+        print(f"  vault: {vault}, {'degraded (below)' if st['degraded'] else 'healthy'}")
+    else:
+        print("  vault: not configured")
     print(f"  degraded: {'; '.join(st['degraded']) if st['degraded'] else 'no'}")
+    return 0
+
+
+def _whoami(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        me = c.whoami()
+    if args.json:
+        print(json.dumps(me, indent=2, sort_keys=True))
+        return 0
+    user = f" (user {me['user']})" if me["user"] else ""
+    print("the broker daemon sees this process as:")
+    print(f"  pid {me['pid']}, uid {me['uid']}{user}, gid {me['gid']}")
+    print(f"  groups: {', '.join(me['groups']) or '(none with a name)'}")
+    # The exe is the program the kernel runs: for `python agent.py` or a console script, the interpreter.
+    print(f"  exe: {me['exe'] or '(none)'}")
+    if me["exe_sha256"]:
+        print(f"  exe_sha256: {me['exe_sha256']}")
+    print(f"  systemd_unit: {me['systemd_unit'] or '(not in a systemd unit)'}")
+    print(f"  workflows it matches: {', '.join(me['workflows']) or '(none)'}")
+    # This process is the broker command, run by Python: another program shows its own exe. An agent
+    # can ask for itself with Client().whoami().
+    print("(an agent run as the same user under the same interpreter looks the same; any other program "
+          "shows its own exe: ask from it with broker.client.Client().whoami())")
     return 0
 
 
@@ -187,18 +254,21 @@ def _config_check(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(args.file)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{args.file}: {problem}", file=sys.stderr)
+        _config_problems(args.file, exc)
         return 1
+    # Not errors: a rule naming an account or binary that does not exist yet matches nothing.
+    for warning in config_mod.host_warnings(cfg):
+        print(f"{args.file}: warning: {warning}", file=sys.stderr)
     tools = sum(len(wf.tools) for wf in cfg.workflows.values())
-    print(f"{args.file}: ok ({len(cfg.workflows)} workflows, {tools} tools, sha256 {cfg.sha256[:12]})")
+    print(f"{args.file}: ok ({_plural(len(cfg.workflows), 'workflow')}, {_plural(tools, 'tool')}, "
+          f"sha256 {cfg.sha256[:12]})")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"serve": _serve, "token": _token, "verify": _verify, "jwks": _jwks, "config": _config_check,
-                "status": _status, "reload": _reload, "exec": _exec}
+                "status": _status, "reload": _reload, "exec": _exec, "whoami": _whoami}
     if args.command == "scan":
         from broker.scan import cli as scan_cli
 
@@ -206,11 +276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"broker: {problem}", file=sys.stderr)
+        # Only a --config file read for its socket path gets here: serve and config check report their own.
+        _config_problems(args.config, exc)
         return 1
     except BrokerError as exc:
         print(f"broker {args.command}: {exc}", file=sys.stderr)
+        if isinstance(exc, Refused) and exc.request_id:
+            print(f"broker {args.command}: {exc.where_to_look}", file=sys.stderr)
         return 1
 
 

@@ -7,7 +7,10 @@ raises one :class:`~broker.errors.ConfigError`. Nothing downstream ever sees a r
 
 from __future__ import annotations
 
+import grp
 import hashlib
+import os
+import pwd
 import re
 import tomllib
 import urllib.parse
@@ -234,6 +237,11 @@ class _Checker:
         return tuple(out)
 
     def duration(self, table: dict[str, Any], path: str, key: str, default: int, *, lo: int, hi: int) -> int:
+        if key in table and not isinstance(table[key], str):
+            # A bare number is the likeliest slip (seconds? minutes?): say what is wanted instead.
+            self.fail(_join(path, key), f'expected a duration string such as "90s", "2m" or "1h30m", '
+                                        f"got {_kind(table[key])}")
+            return default
         value = self.get(table, path, key, str)
         if value is None:
             return default
@@ -351,7 +359,7 @@ def _parse_secret(c: _Checker, raw: Any, path: str) -> SecretSpec | None:
                       mount=strs.get("mount"), common_name=cn, policies=policies, ttl=ttl)
 
 
-def _parse_tool(c: _Checker, raw: Any, path: str, max_ttl: int) -> Tool | None:
+def _parse_tool(c: _Checker, raw: Any, path: str, max_ttl: int, has_vault: bool) -> Tool | None:
     t = c.table(raw, path, ("name", "actions", "destinations", "ttl", "secret", "env", "file"))
     if t is None:
         return None
@@ -362,6 +370,10 @@ def _parse_tool(c: _Checker, raw: Any, path: str, max_ttl: int) -> Tool | None:
     actions = c.strings(t, path, "actions")
     destinations = c.strings(t, path, "destinations")
     secret = _parse_secret(c, t["secret"], f"{path}.secret") if "secret" in t else None
+    if "secret" in t and not has_vault:
+        # Checked here, where the tool's own path is known: an index computed later from the parsed
+        # workflows would skip the entries that failed and name the wrong one.
+        c.fail(f"{path}.secret", "needs a [vault] table to fetch it from")
     env = c.matching(t, path, "env", _ENV_RE, what="environment variable name (A-Z, 0-9, _)")
     file = c.matching(t, path, "file", _FILE_RE, what="file name (no slashes, no leading dot)")
     if name is None:
@@ -455,7 +467,7 @@ def _unique(c: _Checker, items: list[tuple[str, T]], what: str) -> dict[str, T]:
     return out
 
 
-def _parse_workflow(c: _Checker, raw: Any, path: str, max_ttl: int) -> Workflow | None:
+def _parse_workflow(c: _Checker, raw: Any, path: str, max_ttl: int, has_vault: bool) -> Workflow | None:
     t = c.table(raw, path, ("name", "tenant", "caller", "tool"))
     if t is None:
         return None
@@ -465,7 +477,7 @@ def _parse_workflow(c: _Checker, raw: Any, path: str, max_ttl: int) -> Workflow 
                                                                                           f"{path}.caller"))]
     if not callers and "caller" not in t:
         c.fail(f"{path}.caller", "a workflow needs at least one [[workflow.caller]] block")
-    tools = [(f"{path}.tool[{i}]", _parse_tool(c, r, f"{path}.tool[{i}]", max_ttl))
+    tools = [(f"{path}.tool[{i}]", _parse_tool(c, r, f"{path}.tool[{i}]", max_ttl, has_vault))
              for i, r in enumerate(c.tables(t.get("tool"), f"{path}.tool"))]
     by_name = _unique(c, [(p, x) for p, x in tools if x is not None], "tool")
     if name is None or tenant is None or any(x is None for x in callers):
@@ -504,17 +516,60 @@ def parse(data: bytes, *, source: str = "<config>") -> Config:
         else:
             settings = _parse_broker(c, top["broker"])
         max_ttl = settings.token_ttl if settings else MAX_TTL
-        parsed = [(f"workflow[{i}]", _parse_workflow(c, r, f"workflow[{i}]", max_ttl))
+        parsed = [(f"workflow[{i}]", _parse_workflow(c, r, f"workflow[{i}]", max_ttl, "vault" in top))
                   for i, r in enumerate(c.tables(top.get("workflow"), "workflow"))]
         workflows = _unique(c, [(p, w) for p, w in parsed if w is not None], "workflow")
-        if "vault" not in top:
-            for i, wf in enumerate(workflows.values()):
-                for j, tool in enumerate(wf.tools.values()):
-                    if tool.secret is not None:
-                        c.fail(f"workflow[{i}].tool[{j}].secret", "needs a [vault] table to fetch it from")
     if c.problems or settings is None:
         raise ConfigError(c.problems or [ConfigProblem("broker", "invalid")])
     return Config(settings, _frozen(workflows), hashlib.sha256(data).hexdigest(), vault, metrics)
+
+
+def host_warnings(cfg: Config) -> list[ConfigProblem]:
+    """Selectors naming a user, group or executable this host does not have (yet).
+
+    Warnings, not errors: an account or a binary may be created after the config is written, and a
+    rule that names one matches nothing until then, which is the safe direction.
+    """
+    found: list[ConfigProblem] = []
+    # A loaded config holds every workflow of the file, in file order: the indexes are the file's.
+    for i, wf in enumerate(cfg.workflows.values()):
+        for j, rule in enumerate(wf.callers):
+            where = f"workflow[{i}].caller[{j}]"
+            if rule.user is not None and not _exists(pwd.getpwnam, rule.user):
+                found.append(ConfigProblem(f"{where}.user", f"no user {rule.user!r} on this host"))
+            if rule.group is not None and not _exists(grp.getgrnam, rule.group):
+                found.append(ConfigProblem(f"{where}.group", f"no group {rule.group!r} on this host"))
+            if rule.exe is not None:
+                problem = _exe_problem(rule.exe)
+                if problem:
+                    found.append(ConfigProblem(f"{where}.exe", problem))
+    return found
+
+
+def _exe_problem(exe: str) -> str | None:
+    """Why an ``exe`` selector cannot match as written: the kernel reports the resolved binary it runs."""
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        return f"{exe} is not an executable file on this host"
+    real = os.path.realpath(exe)
+    if real != exe:
+        return f"{exe} resolves to {real}, the path the kernel reports: this rule never matches as written"
+    try:
+        with open(exe, "rb") as f:
+            script = f.read(2) == b"#!"
+    except OSError:
+        return None
+    if script:
+        return (f"{exe} is a script: the kernel reports its interpreter as the exe (see `broker whoami`), "
+                "so this rule never matches")
+    return None
+
+
+def _exists(lookup: Callable[[str], object], name: str) -> bool:
+    try:
+        lookup(name)
+    except KeyError:
+        return False
+    return True
 
 
 def load(path: str, *, opener: Callable[[str], bytes] | None = None) -> Config:

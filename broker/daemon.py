@@ -369,6 +369,8 @@ class Daemon:
             "connections": fd.connections if fd else 0,
             "revoked_tokens": len(self._rt.revoked) if self._rt else 0,
             "degraded": self._vault.degraded() if self._vault else [],
+            # Named even when all is well: an operator must see that Vault is in use, not only its faults.
+            "vault": self.config.vault.address if self.config.vault else None,
         }
 
 

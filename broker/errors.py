@@ -6,6 +6,7 @@ Every error the broker raises on purpose derives from :class:`BrokerError`::
     ├── ConfigError            the TOML is invalid; carries every problem with its key path
     ├── InvalidToken           a token failed verification; opaque to callers, ``reason`` is for the audit log
     ├── PermissionDenied       policy refused a request; opaque to callers, ``reason`` is for the audit log
+    │   └── Refused            client side: the daemon's refusal, with its request id and what it chose to say
     ├── AttestationError       the kernel-reported caller could not be resolved or pinned
     ├── ClientError            raised by the client library
     │   ├── Unavailable        the daemon could not be reached
@@ -15,17 +16,23 @@ Every error the broker raises on purpose derives from :class:`BrokerError`::
     ├── broker.vault.NoSecretConfigured     the tool has no upstream secret (gRPC FAILED_PRECONDITION)
     └── broker.scan.ScanError               the secret scanner: UsageError, Skipped
 
-Client-side, a daemon's PERMISSION_DENIED arrives as :class:`PermissionDenied` and an invalid token as
-:class:`InvalidToken`, so one ``except`` works on both sides of the socket.
+Client-side, a daemon's PERMISSION_DENIED arrives as :class:`Refused` (a :class:`PermissionDenied`) and an
+invalid token as :class:`InvalidToken`, so one ``except`` works on both sides of the socket.
 
-The gRPC edge (``broker.service``) is the only place that maps these to status codes, always with a
-generic message; the precise reason goes to the audit log, never to the caller.
+The gRPC edge (``broker.service``) is the only place that maps these to status codes, with a generic
+message and the request id of the audit line that holds the precise reason. The one exception is a
+refusal marked ``caller_may_know``: a mistake in the caller's own request inside a workflow it belongs
+to (a ttl above the tool's, a tool the workflow lacks), which it could read from DescribeWorkflow anyway.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
+
+# Trailing metadata of a refusal: the id that the daemon's audit line carries as "request_id".
+REQUEST_ID_HEADER: Final = "broker-request-id"
 
 
 class BrokerError(Exception):
@@ -73,6 +80,30 @@ class PermissionDenied(_ReasonedError):
     """The policy refused the request."""
 
     public_message = "permission denied"
+
+    def __init__(self, reason: str, *, caller_may_know: bool = False) -> None:
+        super().__init__(reason)
+        # Set only after the caller matched the workflow: what it may do there is no secret to it, but
+        # whether a workflow exists, or why a non-member does not match, is never said.
+        self.caller_may_know = caller_may_know
+
+
+class Refused(PermissionDenied):
+    """Client side: the daemon refused. ``str()`` is the daemon's own text, which says no more than the
+    caller may know; ``request_id`` finds the audit line with the full reason."""
+
+    def __init__(self, message: str, request_id: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        return self.reason
+
+    @property
+    def where_to_look(self) -> str:
+        """For a person reading the refusal: where the full reason is, and how to see one's own selectors."""
+        return (f'the broker\'s audit log has the full reason on the line with "request_id":"{self.request_id}"; '
+                "`broker whoami` shows what the broker sees of a process and which workflows it matches")
 
 
 class AttestationError(_ReasonedError):

@@ -1,7 +1,8 @@
 """Policy: which attested caller may mint what. Pure decisions, no I/O beyond attestation lookups.
 
 Every refusal raises :class:`~broker.errors.PermissionDenied` whose ``reason`` is precise (for the
-audit log) while the caller only ever sees a generic message.
+audit log) while the caller sees a generic message, unless it already matched the workflow: then its own
+mistake (a tool the workflow lacks, a ttl above the tool's) is ``caller_may_know`` and said to it.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ def authorize_mint(config: Config, caller: Caller, workflow: str, tool: str, ttl
         raise PermissionDenied(f"caller does not match any caller block of workflow {workflow!r}")
     t = wf.tools.get(tool)
     if t is None:
-        raise PermissionDenied(f"tool {tool!r} is not granted to workflow {workflow!r}")
+        raise PermissionDenied(f"tool {tool!r} is not granted to workflow {workflow!r}", caller_may_know=True)
     if ttl < 0 or ttl > t.ttl:
-        raise PermissionDenied(f"ttl {ttl}s exceeds the tool's ttl {t.ttl}s")
+        raise PermissionDenied(f"ttl {ttl}s exceeds the tool's ttl {t.ttl}s", caller_may_know=True)
     return Grant(wf, t, ttl or t.ttl)
 
 

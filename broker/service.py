@@ -1,7 +1,8 @@
 """The gRPC edge: our ``broker.v1.Broker`` service and the SPIFFE Workload API (JWT half).
 
-This is the only module that maps broker errors to gRPC status codes. Callers get generic text; the
-precise reason goes to the audit log. Request flow per call:
+This is the only module that maps broker errors to gRPC status codes. Callers get generic text and the
+request id of the audit line that holds the precise reason (a member's own mistake is said to it: see
+``broker.errors``). Request flow per call:
 peer -> attestation (``broker.attest``) -> policy (``broker.policy``) -> token engine -> audit -> reply.
 """
 
@@ -26,8 +27,9 @@ from broker._spiffe import workload_pb2 as wl
 from broker._spiffe import workload_pb2_grpc as wl_grpc
 from broker.attest import Caller, PeerCred, attest, exe_sha256, exe_sha256_known
 from broker.config import Config
-from broker.errors import AttestationError, InvalidToken, PermissionDenied
+from broker.errors import REQUEST_ID_HEADER, AttestationError, InvalidToken, PermissionDenied
 from broker.keyring import KeyRing
+from broker.logs import REQUEST_ID
 from broker.metrics import UNKNOWN, Metrics, denial_category
 from broker.policy import Grant, authorize_mint, caller_matches, svid_workflows
 from broker.v1 import broker_pb2 as pb
@@ -171,6 +173,14 @@ class Runtime:
             await asyncio.to_thread(exe_sha256, caller)
         return caller
 
+    async def caller_fields(self, context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, object]:
+        """The caller's audit fields for a refusal's line (a bad token, an admin RPC by a non-admin);
+        nothing when it cannot be attested: the refusal stands either way."""
+        try:
+            return (await self.caller(context)).audit_fields()
+        except AttestationError:
+            return {}
+
     def mint(self, grant: Grant, audience: tuple[str, ...], now: int) -> tuple[bytes, str, int]:
         cfg = self.config.broker
         jti = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()  # 128 random bits
@@ -223,6 +233,17 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusC
     raise AssertionError("unreachable: abort raises")
 
 
+async def _deny(context: grpc.aio.ServicerContext[Any, Any], exc: AttestationError | PermissionDenied) -> NoReturn:
+    """PERMISSION_DENIED naming the request id of the audit line that holds the reason (and carrying it as
+    trailing metadata); the reason itself only when it is the caller's own business."""
+    rid = REQUEST_ID.get()
+    text = f"permission denied: {exc.reason}" if isinstance(exc, PermissionDenied) and exc.caller_may_know \
+        else "permission denied"
+    await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{text} (request {rid})",
+                        trailing_metadata=((REQUEST_ID_HEADER, rid),))
+    raise AssertionError("unreachable: abort raises")
+
+
 def _name_ok(value: str, *, allow_empty: bool = False) -> bool:
     return (allow_empty or bool(value)) and len(value) <= MAX_NAME and value.isprintable()
 
@@ -237,8 +258,9 @@ class BrokerService(pb_grpc.BrokerServicer):
         try:
             caller = await self._rt.admin(context)
         except (AttestationError, PermissionDenied) as exc:
-            self._rt.audit.record("deny", rpc="Reload", decision="deny", reason=exc.reason)
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+            self._rt.audit.record("deny", rpc="Reload", **await self._rt.caller_fields(context), decision="deny",
+                                  reason=exc.reason)
+            await _deny(context, exc)
         applied, problems, sha = await self._admin.reload(caller.audit_fields())
         return pb.ReloadResponse(applied=applied, problems=problems, config_sha256=sha)
 
@@ -247,9 +269,26 @@ class BrokerService(pb_grpc.BrokerServicer):
         try:
             await self._rt.admin(context)
         except (AttestationError, PermissionDenied) as exc:
-            self._rt.audit.record("deny", rpc="Status", decision="deny", reason=exc.reason)
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+            self._rt.audit.record("deny", rpc="Status", **await self._rt.caller_fields(context), decision="deny",
+                                  reason=exc.reason)
+            await _deny(context, exc)
         return pb.StatusResponse(status_json=json.dumps(self._admin.status(), sort_keys=True))
+
+    async def WhoAmI(self, request: pb.WhoAmIRequest,
+                     context: grpc.aio.ServicerContext[Any, Any]) -> pb.WhoAmIResponse:
+        rt = self._rt
+        try:
+            caller = await rt.caller(context)
+        except AttestationError as exc:
+            rt.audit.record("deny", rpc="WhoAmI", decision="deny", reason=exc.reason)
+            await _deny(context, exc)
+        # Always the calling process itself, read from the kernel: the request names nobody, so no uid can
+        # learn another's selectors or workflows. Only workflows it matches are named.
+        workflows = [wf.name for wf in rt.config.workflows.values() if caller_matches(wf, caller)]
+        return pb.WhoAmIResponse(
+            pid=caller.pid, uid=caller.uid, gid=caller.gid, user=caller.user or "", groups=sorted(caller.group_names()),
+            exe=caller.exe or "", exe_sha256=(exe_sha256(caller) or "") if rt.config.hashes_exe else "",
+            systemd_unit=caller.systemd_unit or "", workflows=workflows)
 
     async def MintToken(self, request: pb.MintTokenRequest,
                         context: grpc.aio.ServicerContext[Any, Any]) -> pb.MintTokenResponse:
@@ -267,7 +306,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             rt.audit.record("deny", **fields, **(caller.audit_fields() if caller else {}),
                             decision="deny", reason=exc.reason)
             rt.count_denial(request.workflow, request.tool, exc.reason)
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+            await _deny(context, exc)
         now = int(rt.clock())
         token, jti, exp = rt.mint(grant, (audience,), now)
         rt.metrics.count_mint(request.workflow, request.tool)
@@ -283,7 +322,8 @@ class BrokerService(pb_grpc.BrokerServicer):
             claims = await self._rt.verify(request.token, request.audience or request.tool, request.tool,
                                            int(self._rt.clock()))
         except InvalidToken as exc:
-            self._rt.audit.record("verify", tool=request.tool, decision="deny", reason=exc.reason)
+            self._rt.audit.record("verify", tool=request.tool, **await self._rt.caller_fields(context),
+                                  decision="deny", reason=exc.reason)
             # The presenter already holds the token; telling it why it failed leaks nothing new.
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"invalid token: {exc.reason}")
         return pb.VerifyTokenResponse(claims_json=json.dumps(claims.to_json_dict(), separators=(",", ":")))
@@ -308,7 +348,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             caller = await rt.caller(context)
         except AttestationError as exc:
             rt.audit.record("deny", rpc="RevokeTokens", decision="deny", reason=exc.reason)
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+            await _deny(context, exc)
         now = int(rt.clock())
         count = 0
         for token in request.tokens:
@@ -363,7 +403,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             rt.audit.record("deny", rpc="GetSecret", workflow=request.workflow, tool=request.tool,
                             **(caller.audit_fields() if caller else {}), decision="deny", reason=exc.reason)
             rt.count_denial(request.workflow, request.tool, exc.reason)
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+            await _deny(context, exc)
         return caller
 
     def _secret_reply(self, request: pb.GetSecretRequest, caller: Caller, value: SecretValue) -> pb.Secret:
@@ -423,7 +463,7 @@ class BrokerService(pb_grpc.BrokerServicer):
         except (AttestationError, PermissionDenied) as exc:
             rt.audit.record("deny", workflow=request.workflow, **(caller.audit_fields() if caller else {}),
                             decision="deny", reason=exc.reason)
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission denied")
+            await _deny(context, exc)
         return pb.DescribeWorkflowResponse(workflow=wf.name, tools=[
             pb.ToolDelivery(tool=t.name, ttl_seconds=t.ttl, env=t.env or "", file=t.file or "",
                             has_secret=t.secret is not None) for t in wf.tools.values()])
@@ -499,7 +539,8 @@ class WorkloadAPI(wl_grpc.SpiffeWorkloadAPIServicer):
         try:
             claims = await self._rt.verify(request.svid, request.audience, None, int(self._rt.clock()))
         except InvalidToken as exc:
-            self._rt.audit.record("verify", audience=request.audience, decision="deny", reason=exc.reason)
+            self._rt.audit.record("verify", audience=request.audience, **await self._rt.caller_fields(context),
+                                  decision="deny", reason=exc.reason)
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"could not validate JWT-SVID: {exc.reason}")
         st = struct_pb2.Struct()
         st.update(claims.to_json_dict())

@@ -44,7 +44,8 @@ def main() -> int:
             print("agent: export_all_customers was granted (unexpected!)")
             ok = False
         except PermissionDenied as exc:
-            print(f"agent: export_all_customers refused by the broker: PERMISSION_DENIED ({exc.reason})")
+            # A member of the workflow is told its own mistake; the request id finds the audit line.
+            print(f"agent: export_all_customers refused by the broker: {exc}")
     return 0 if ok else 1
 
 

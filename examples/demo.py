@@ -68,6 +68,10 @@ def main() -> int:
               f"{daemon.proc.returncode}")
         ok = agent.returncode == 0 and sidecar.returncode == 0 and daemon.proc.returncode == 0
         print("demo: OK" if ok else "demo: FAILED")
+        if ok:
+            # The demo ran from .venv: say how to use the same install for one's own setup.
+            print("\nnext: `source .venv/bin/activate` puts `broker` on your PATH (or run .venv/bin/broker);\n"
+                  "      README.md, \"Your own setup, as a normal user\", writes a config that needs no root")
         return 0 if ok else 1
 
 

@@ -69,6 +69,10 @@ path "database/creds/ticket-reader" {
 path "pki/issue/agents" {
   capabilities = ["create", "update"]
 }
+# Revoke the certificates the broker issued (at the end of a broker exec run, on reload, at shutdown).
+path "pki/revoke" {
+  capabilities = ["update"]
+}
 # Child tokens; their policies must be among this token's own (here: crm-read).
 path "auth/token/create" {
   capabilities = ["create", "update"]

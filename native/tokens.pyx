@@ -1282,11 +1282,12 @@ cdef int _check_claims(object c, object expect, object now) except -1:
         raise InvalidToken("expired")
     if now + leeway < c.nbf or now + leeway < c.iat:
         raise InvalidToken("not yet valid")
-    if expect.audience not in c.aud:
-        raise InvalidToken("wrong audience")
+    # The tool first: a token shown to another tool fails on both, and "wrong tool" is the cause.
     tool = expect.tool
     if tool is not None and c.tool != tool:
         raise InvalidToken("wrong tool")
+    if expect.audience not in c.aud:
+        raise InvalidToken("wrong audience")
     return 0
 
 

@@ -22,7 +22,7 @@ from broker.errors import BrokerError, PermissionDenied
 
 def main() -> int:
     uid, gid, action, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    client = Client(path, retries=0) if action.startswith(("mint", "revoke")) else None
+    client = Client(path, retries=0) if action.startswith(("mint", "revoke", "whoami", "status")) else None
     token = sys.stdin.readline().strip() if action == "revoke" else ""  # never in argv
     os.setgroups([])
     os.setgid(gid)
@@ -40,6 +40,19 @@ def main() -> int:
         assert client is not None
         with client:
             result["revoked"] = client.revoke([token])
+    elif action == "status":
+        assert client is not None
+        try:
+            with client:
+                client.status()
+            result["code"] = "OK"
+        except PermissionDenied as exc:
+            result["code"] = "PERMISSION_DENIED"
+            result["message"] = str(exc)
+    elif action == "whoami":
+        assert client is not None
+        with client:
+            result["whoami"] = client.whoami()
     elif action == "connect":
         s = socket.socket(socket.AF_UNIX)
         try:
@@ -54,8 +67,9 @@ def main() -> int:
         try:
             with client:
                 result["token"] = bool(client.mint(workflow, tool).token)
-        except PermissionDenied:
+        except PermissionDenied as exc:
             result["code"] = "PERMISSION_DENIED"
+            result["message"] = str(exc)
         except BrokerError as exc:
             result["error"] = str(exc)
     print(json.dumps(result))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -76,7 +78,7 @@ def test_bad_durations(text: str) -> None:
 
 @pytest.mark.parametrize(("patch", "expected"), [
     ((b'token_ttl = "5m"', b'token_ttl = "5 minutes"'), "broker.token_ttl: invalid duration"),
-    ((b'token_ttl = "5m"', b"token_ttl = 300"), "broker.token_ttl: expected str, got integer"),
+    ((b'token_ttl = "5m"', b"token_ttl = 300"), "broker.token_ttl: expected a duration string such as \"90s\", \"2m\""),
     ((b'algorithm = "ES256"', b'algorithm = "none"'), "broker.algorithm: must be one of ES256, EdDSA"),
     ((b'algorithm = "ES256"', b'algorithm = "HS256"'), "broker.algorithm: must be one of"),
     ((b'trust_domain = "example.org"', b'trust_domain = "Example Org"'), "broker.trust_domain: invalid trust"),
@@ -148,7 +150,7 @@ def test_config_check_cli(tmp_path: object) -> None:
     ok = subprocess.run([sys.executable, "-m", "broker", "config", "check", str(good)], capture_output=True,
                         text=True)
     assert ok.returncode == 0, ok.stderr
-    assert "1 workflows, 1 tools" in ok.stdout
+    assert "1 workflow, 1 tool," in ok.stdout
     no = subprocess.run([sys.executable, "-m", "broker", "config", "check", str(bad)], capture_output=True,
                         text=True)
     assert no.returncode == 1
@@ -238,3 +240,47 @@ def test_a_trailing_newline_is_not_a_valid_name(old: bytes, new: bytes, expected
     # "$" in a pattern matches before a final newline; the names go into SPIFFE IDs, paths and logs.
     assert old in GOOD
     assert any(expected in p for p in problems(GOOD.replace(old, new))), problems(GOOD.replace(old, new))
+
+
+def test_a_secret_error_names_its_own_workflow_when_an_earlier_one_fails() -> None:
+    # workflow[0] fails to parse; the secret without [vault] is in workflow[1] and must be named so.
+    data = GOOD.replace(b'tenant = "acme"', b'tenant = "Bad Tenant"') \
+        + b'[[workflow]]\nname = "w2"\ntenant = "t"\n[[workflow.caller]]\nuid = 1\n' \
+        + b'[[workflow.tool]]\nname = "bad"\nttl = 5\n' \
+        + b'[[workflow.tool]]\nname = "s"\nsecret = { kind = "kv", path = "a" }\n'
+    found = problems(data)
+    assert "workflow[1].tool[1].secret: needs a [vault] table to fetch it from" in found, found
+    assert not any(p.startswith("workflow[0].tool") for p in found), found
+
+
+def test_a_tool_ttl_given_as_a_number_says_a_duration_string_is_wanted() -> None:
+    found = problems(GOOD.replace(b'ttl = "2m"', b"ttl = 120"))
+    assert 'workflow[0].tool[0].ttl: expected a duration string such as "90s", "2m" or "1h30m", got integer' \
+        in found, found
+
+
+def test_host_warnings_name_missing_users_groups_and_executables() -> None:
+    data = GOOD.replace(b'exe = "/usr/bin/python3.11"', b'exe = "/nonexistent/python"\n  user = "no-such-user-x"\n'
+                                                        b'  group = "no-such-group-x"') \
+        + b'[[workflow]]\nname = "w2"\ntenant = "t"\n[[workflow.caller]]\nuser = "root"\ngroup = "root"\n' \
+        + b'exe = "' + os.path.realpath(sys.executable).encode() + b'"\n'
+    warned = [str(w) for w in config.host_warnings(config.parse(data))]
+    assert warned == ["workflow[0].caller[0].user: no user 'no-such-user-x' on this host",
+                      "workflow[0].caller[0].group: no group 'no-such-group-x' on this host",
+                      "workflow[0].caller[0].exe: /nonexistent/python is not an executable file on this host"]
+
+
+def test_host_warnings_name_exe_rules_that_can_never_match(tmp_path: pathlib.Path) -> None:
+    # The kernel reports the resolved binary: a symlink (a venv's python) or a script never matches.
+    link, script = tmp_path / "python", tmp_path / "agent.sh"
+    link.symlink_to(os.path.realpath(sys.executable))
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    data = GOOD.replace(b'exe = "/usr/bin/python3.11"', b'exe = "' + str(link).encode() + b'"') \
+        + b'[[workflow]]\nname = "w2"\ntenant = "t"\n[[workflow.caller]]\nexe = "' + str(script).encode() + b'"\n'
+    warned = [str(w) for w in config.host_warnings(config.parse(data))]
+    assert warned == [
+        f"workflow[0].caller[0].exe: {link} resolves to {os.path.realpath(sys.executable)}, the path the kernel "
+        "reports: this rule never matches as written",
+        f"workflow[1].caller[0].exe: {script} is a script: the kernel reports its interpreter as the exe (see "
+        "`broker whoami`), so this rule never matches"]

@@ -55,6 +55,9 @@ def test_token_and_verify_through_the_cli(daemon: DaemonProcess) -> None:
     assert cli("verify", "--tool", "read_ticket", "-", "--socket", daemon.socket, stdin=token + "\n").returncode == 0
     wrong = cli("verify", "--tool", "send_email", "--audience", "read_ticket", token, "--socket", daemon.socket)
     assert wrong.returncode == 1 and "wrong tool" in wrong.stderr
+    # Without --audience the audience defaults to the other tool too: the cause is still the tool.
+    wrong = cli("verify", "--tool", "send_email", token, "--socket", daemon.socket)
+    assert wrong.returncode == 1 and "invalid token: wrong tool" in wrong.stderr
     tampered = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     bad = cli("verify", "--tool", "read_ticket", tampered, "--socket", daemon.socket)
     assert bad.returncode == 1 and "invalid token" in bad.stderr
@@ -83,16 +86,20 @@ def test_socket_resolution_order(daemon: DaemonProcess, short_tmp: str) -> None:
     assert r.returncode == 1 and "unreachable" in r.stderr
 
 
-@pytest.mark.parametrize(("workflow", "tool", "reason"), [
-    ("support-summarize", "export_all_customers", "not granted"),
-    ("no-such-workflow", "read_ticket", "unknown workflow"),
-    ("billing", "charge", "does not match"),
+@pytest.mark.parametrize(("workflow", "tool", "reason", "told"), [
+    # A member's own mistake is said to it: DescribeWorkflow would show it the tools anyway.
+    ("support-summarize", "export_all_customers", "not granted",
+     "permission denied: tool 'export_all_customers' is not granted to workflow 'support-summarize'"),
+    # A non-member learns nothing, not even whether the workflow exists.
+    ("no-such-workflow", "read_ticket", "unknown workflow", "permission denied"),
+    ("billing", "charge", "does not match", "permission denied"),
 ])
-def test_denials_are_generic_and_audited(daemon: DaemonProcess, workflow: str, tool: str, reason: str) -> None:
+def test_denials_are_generic_and_audited(daemon: DaemonProcess, workflow: str, tool: str, reason: str,
+                                         told: str) -> None:
     with Client(daemon.socket) as c, pytest.raises(PermissionDenied) as exc:
         c.mint(workflow, tool)
-    assert exc.value.reason == "permission denied"  # the precise reason is for the audit log only
     last = audit_lines(daemon)[-1]
+    assert exc.value.reason == f"{told} (request {last['request_id']})"
     assert last["event"] == "deny" and reason in str(last["reason"])
     assert last["pid"] == os.getpid() and last["uid"] == os.geteuid() and last["exe"]
 

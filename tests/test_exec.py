@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -161,6 +162,31 @@ def test_killing_the_sidecar_kills_the_child(exec_daemon: DaemonProcess) -> None
     assert not os.path.exists(left_behind)
 
 
+def test_the_next_run_revokes_what_a_killed_run_issued(exec_daemon: DaemonProcess,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A private runtime directory: sweeps of other runs on this host must not get there first. The run
+    # had three tools (crm, mail and plain); two of its tokens are checked here.
+    with tempfile.TemporaryDirectory(prefix="brk-rt-", dir="/dev/shm") as base:
+        monkeypatch.setenv("XDG_RUNTIME_DIR", base)
+        p = sidecar(exec_daemon.socket, "--workflow", "agent", child=("MAIL_TOKEN", "crm.token", "60", "0"))
+        start = events(p, "start")[0]
+        p.kill()  # no cleanup, no revocation: what an OOM kill or kill -9 does
+        p.wait(10)
+        left = [(str(start["token"]), "crm"), (str(start["env"]["MAIL_TOKEN"]), "mail")]  # type: ignore[index]
+        with Client(exec_daemon.socket) as c:
+            for token, tool in left:
+                assert c.verify(token, tool)["tool"] == tool  # the agent's children could still use them
+        nxt = sidecar(exec_daemon.socket, "--workflow", "agent", "--tool", "plain", child=("", "-", "0", "0"))
+        assert nxt.wait(30) == 0
+        with Client(exec_daemon.socket) as c:
+            for token, tool in left:
+                with pytest.raises(InvalidToken) as exc:
+                    c.verify(token, tool)
+                assert exc.value.reason == "revoked"
+        assert os.listdir(base) == []  # the killed run's directory and token list are gone too
+        assert nxt.stderr is not None and "revoking 3 token(s) of an earlier run that was killed" in nxt.stderr.read()
+
+
 def _dead(pid: int) -> bool:
     """Gone, or a zombie waiting for init to reap it: either way it no longer runs."""
     try:
@@ -174,7 +200,10 @@ def test_denied_workflow_never_starts_the_child(exec_daemon: DaemonProcess) -> N
     p = sidecar(exec_daemon.socket, "--workflow", "other", child=("", "-", "0", "0"))
     assert p.wait(30) == 1
     assert p.stdout is not None and p.stdout.read() == ""
-    assert p.stderr is not None and "permission denied" in p.stderr.read()
+    assert p.stderr is not None
+    err = p.stderr.read()
+    assert "permission denied (request " in err and "audit log has the full reason" in err, err
+    assert "broker exec: broker exec" not in err and "broker.exec: broker exec" not in err  # said once
 
 
 def test_unreachable_daemon_keeps_then_removes_then_restores(short_tmp: str) -> None:

@@ -281,6 +281,7 @@ def test_json_logs_and_status(short_tmp: str) -> None:
         r = cli("status", "--socket", sock)
         assert r.returncode == 0, r.stderr
         assert "1 mints, 0 denials" in r.stdout and "backends: tokens" in r.stdout
+        assert "vault: not configured" in r.stdout
         st = json.loads(cli("status", "--json", "--socket", sock).stdout)
         assert st["workflows"] == ["w"] and st["keys"]["current"] in st["keys"]["published"]
         lines = [json.loads(x) for x in d.log().splitlines() if x.startswith("{")]

@@ -60,8 +60,10 @@ def test_second_uid_is_denied_and_locked_out_of_the_internal_socket(
             root_token = c.mint("root-only", "read_ticket").token
             with pytest.raises(PermissionDenied):
                 c.mint("agent", "read_ticket")
-        assert as_user(throwaway_user, "mint", sock, "root-only", "read_ticket") == {
-            "uid": throwaway_user.pw_uid, "code": "PERMISSION_DENIED"}
+        refused = as_user(throwaway_user, "mint", sock, "root-only", "read_ticket")
+        assert refused["code"] == "PERMISSION_DENIED"
+        # A non-member is told where to look, never why: not even that the workflow exists.
+        assert str(refused["message"]).startswith("permission denied (request ")
         # ... and the selector "user" really resolves the kernel-reported uid.
         assert as_user(throwaway_user, "mint", sock, "agent", "read_ticket")["token"] is True
         # A non-dumpable process looks root-owned in /proc; it must still be seen as the second uid.
@@ -103,3 +105,31 @@ def test_one_uid_cannot_take_every_connection(short_tmp: str, throwaway_user: pw
         assert "uid 0 already holds 2 connections" in d.log()
         for s in held:
             s.close()
+
+
+def test_whoami_and_admin_denials_for_a_second_uid(short_tmp: str, throwaway_user: pwd.struct_passwd) -> None:
+    os.chmod(short_tmp, 0o755)
+    workflows = [
+        WorkflowSpec("root-only", callers=[{"uid": 0}], tools=[{"name": "t"}]),
+        WorkflowSpec("agent", callers=[{"user": throwaway_user.pw_name}], tools=[{"name": "t"}]),
+    ]
+    path = os.path.join(short_tmp, "broker.toml")
+    with open(path, "w") as f:
+        f.write(config_text(short_tmp, workflows))
+    sock = os.path.join(short_tmp, "broker.sock")
+    with running_daemon(path, sock, os.path.join(short_tmp, "audit.jsonl")) as d, Client(sock) as c:
+        # Not an admin (root or the daemon's uid): refused, and the audit line says who asked.
+        refused = as_user(throwaway_user, "status", sock)
+        assert refused["code"] == "PERMISSION_DENIED"
+        denied = [json.loads(x) for x in open(d.audit_log) if '"rpc":"Status"' in x]
+        assert denied and denied[-1]["uid"] == throwaway_user.pw_uid and denied[-1]["pid"] > 0
+        assert refused["message"] == f"permission denied (request {denied[-1]['request_id']})"
+        me = as_user(throwaway_user, "whoami", sock)["whoami"]
+        assert isinstance(me, dict)
+        # The kernel's view of the connecting process: the dropped uid, its own name, only its workflow.
+        assert (me["uid"], me["gid"], me["user"]) == (throwaway_user.pw_uid, throwaway_user.pw_gid,
+                                                      throwaway_user.pw_name)
+        assert me["workflows"] == ["agent"] and me["exe"] == os.path.realpath(sys.executable)
+        # Root asking gets root's view: the RPC takes no argument that could name another process or uid.
+        mine = c.whoami()
+        assert mine["uid"] == 0 and mine["workflows"] == ["root-only"]

@@ -44,6 +44,10 @@ class AsyncClient:
         self._cache: dict[tuple[str, str, str], tuple[Minted, float]] = {}
         self._inflight: dict[tuple[str, str, str], asyncio.Future[Minted]] = {}
 
+    @property
+    def socket_path(self) -> str:
+        return self._path
+
     async def __aenter__(self) -> AsyncClient:
         return self
 

@@ -6,7 +6,7 @@ from typing import Final
 
 import grpc
 
-from broker.errors import BrokerError, InvalidToken, PermissionDenied, RequestRejected, Unavailable
+from broker.errors import REQUEST_ID_HEADER, BrokerError, InvalidToken, Refused, RequestRejected, Unavailable
 
 # Only these are worth retrying: the daemon may be restarting or briefly overloaded.
 RETRYABLE: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -18,7 +18,8 @@ def translate(exc: grpc.RpcError, socket_path: str) -> BrokerError:
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return Unavailable(f"broker daemon at {socket_path} is unreachable ({code.name})")
     if code == grpc.StatusCode.PERMISSION_DENIED:
-        return PermissionDenied(details)
+        rid = next((str(v) for k, v in exc.trailing_metadata() or () if k == REQUEST_ID_HEADER), "")
+        return Refused(details, rid)
     if code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("invalid token"):
         return InvalidToken(details.removeprefix("invalid token: "))
     return RequestRejected(code.name, details)

@@ -166,6 +166,13 @@ class Client:
         status: dict[str, Any] = json.loads(self._call(self._stub.Status, pb.StatusRequest()).status_json)
         return status
 
+    def whoami(self) -> dict[str, Any]:
+        """What the daemon sees of this process: pid, uid, gid, user, groups, exe, exe_sha256, systemd_unit,
+        and the workflows it matches. Empty strings where the daemon has no value."""
+        r = self._call(self._stub.WhoAmI, pb.WhoAmIRequest())
+        return {"pid": r.pid, "uid": r.uid, "gid": r.gid, "user": r.user, "groups": list(r.groups), "exe": r.exe,
+                "exe_sha256": r.exe_sha256, "systemd_unit": r.systemd_unit, "workflows": list(r.workflows)}
+
     def watch(self) -> Iterator[tuple[str, dict[str, int]]]:
         """Yield (JWKS JSON, revoked jti -> exp) now and on every change, until the stream ends."""
         try:

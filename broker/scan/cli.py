@@ -91,7 +91,13 @@ def _run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     accepted = baseline.load(args.baseline) if args.baseline is not None else frozenset()
     findings, stats = _scan(args, cfg)
-    findings = baseline.apply(findings, accepted)
+    if args.baseline is not None:
+        before = len(findings)
+        findings = baseline.apply(findings, accepted)
+        # Said on stderr so the report stays machine-readable: how much the baseline hid, and from what.
+        print(f"broker scan: baseline {args.baseline} accepted {before - len(findings)} of {before} "
+              f"finding{'' if before == 1 else 's'} ({len(accepted)} fingerprint{'' if len(accepted) == 1 else 's'} "
+              "in the file)", file=sys.stderr)
     report = _render(args, findings, stats, cfg)
     if args.output is not None:
         args.output.write_text(report, encoding="utf-8")

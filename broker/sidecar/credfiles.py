@@ -13,6 +13,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+import time
 from typing import Final
 
 from broker.errors import BrokerError
@@ -22,8 +23,15 @@ GENERATION: Final = "generation"
 PREFIX: Final = "broker-exec-"
 
 
-def _sweep(base: str) -> None:
-    """Delete credential directories of earlier runs that were killed (SIGKILL, OOM) before cleaning up.
+# Beside each run's directory (never inside it: the agent sees only its credentials), the tokens of the
+# run still alive, one "EXPIRY TOKEN" per line: what a later run revokes if this one is killed.
+ISSUED_SUFFIX: Final = ".issued"
+MAX_ISSUED_BYTES: Final = 1 << 20
+
+
+def _sweep(base: str) -> list[str]:
+    """Delete what earlier runs killed before cleaning up (SIGKILL, OOM) left behind; return the tokens
+    they had issued, for the caller to revoke.
 
     Only ours (same owner), only when their sidecar's pid no longer exists: a live run is never touched,
     and a reused pid only delays the sweep to a later run.
@@ -31,7 +39,8 @@ def _sweep(base: str) -> None:
     try:
         names = os.listdir(base)
     except OSError:
-        return
+        return []
+    tokens: list[str] = []
     for name in names:
         pid_text, dash, _ = name[len(PREFIX):].partition("-")
         if not (name.startswith(PREFIX) and pid_text.isdigit() and dash):
@@ -41,10 +50,65 @@ def _sweep(base: str) -> None:
             st = os.lstat(path)
             os.kill(int(pid_text), 0)
         except ProcessLookupError:
-            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+            if st.st_uid != os.geteuid():
+                continue
+            if stat.S_ISDIR(st.st_mode):
                 shutil.rmtree(path, ignore_errors=True)
+            elif stat.S_ISREG(st.st_mode) and name.endswith(ISSUED_SUFFIX):
+                tokens += _read_issued(path)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         except OSError:
             continue  # gone already, or the pid belongs to someone else: alive
+    return tokens
+
+
+def _read_issued(path: str) -> list[str]:
+    try:
+        # O_NOFOLLOW and the owner check on the open file: only a list this uid wrote is believed.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return []
+    with os.fdopen(fd, "rb") as f:
+        if os.fstat(f.fileno()).st_uid != os.geteuid():
+            return []
+        data = f.read(MAX_ISSUED_BYTES)
+    now = time.time()
+    out = []
+    for line in data.decode("ascii", "replace").splitlines():
+        exp, _, token = line.partition(" ")
+        # An expired token needs no revocation (and the daemon would skip it anyway).
+        if exp.isdigit() and int(exp) > now and token:
+            out.append(token)
+    return out
+
+
+def _write_atomic(directory: str, name: str, data: bytes) -> None:
+    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # the mode is set on every write, whatever the umask
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.rename(tmp, os.path.join(directory, name))
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_tmpfs(path: str) -> bool:
@@ -74,7 +138,9 @@ class CredentialDir:
             # Credentials must never reach persistent disk, not even in a crash before cleanup.
             raise BrokerError(f"{base} is not a tmpfs: refusing to write credentials there "
                               "(set XDG_RUNTIME_DIR to a memory-backed directory)")
-        _sweep(base)
+        # Tokens of killed runs: the sidecar revokes them, since their agents' children may still
+        # hold them (PDEATHSIG reaches the agent, not what the agent started).
+        self.stale_tokens = _sweep(base)
         # The owner's pid in the name lets a later run find what a killed one left behind.
         self.path = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=base)  # mode 0700, owned by us
         self.generation = 0
@@ -83,44 +149,27 @@ class CredentialDir:
         """Replace ``name`` atomically with ``data`` (mode 0600)."""
         if "/" in name or name.startswith(".") or name == GENERATION:
             raise BrokerError(f"invalid credential file name {name!r}")
-        self._swap(name, data)
+        _write_atomic(self.path, name, data)
 
     def bump(self) -> int:
         """Publish a new generation number after one or more credential files changed."""
         self.generation += 1
-        self._swap(GENERATION, f"{self.generation}\n".encode())
+        _write_atomic(self.path, GENERATION, f"{self.generation}\n".encode())
         return self.generation
 
-    def _swap(self, name: str, data: bytes) -> None:
-        tmp = os.path.join(self.path, f".{name}.{secrets.token_hex(6)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # the mode is set on every write, whatever the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.rename(tmp, os.path.join(self.path, name))
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        self._fsync_dir()
+    def record_issued(self, tokens: list[tuple[str, float]]) -> None:
+        """Keep the list of this run's live tokens (token, expiry) beside the directory."""
+        data = "".join(f"{int(exp)} {token}\n" for token, exp in tokens).encode("ascii")
+        _write_atomic(os.path.dirname(self.path), os.path.basename(self.path) + ISSUED_SUFFIX, data)
 
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.path, name))
-        self._fsync_dir()
+        _fsync_dir(self.path)
 
-    def cleanup(self) -> None:
+    def cleanup(self, *, keep_issued: bool = False) -> None:
+        """Delete the directory, and the list of issued tokens unless a later run must revoke them."""
         shutil.rmtree(self.path, ignore_errors=True)
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if not keep_issued:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path + ISSUED_SUFFIX)

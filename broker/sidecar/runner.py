@@ -25,7 +25,7 @@ from typing import Final, TypeVar
 import uvloop
 
 from broker.client import AsyncClient, Minted
-from broker.errors import BrokerError, Unavailable
+from broker.errors import BrokerError, Refused, Unavailable
 from broker.sidecar.credfiles import CredentialDir
 from broker.vault import SecretValue
 
@@ -36,6 +36,11 @@ MAX_BACKOFF: Final = 30.0
 REVOKE_BATCH: Final = 50  # well inside the daemon's per-call limit and 64 KiB request size
 # A token is never used in its last seconds: clocks drift and requests take time.
 EXPIRY_MARGIN: Final = 2.0
+PROGRESS_EVERY: Final = 10.0  # seconds between "still waiting for the daemon" lines
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f}s" if value == int(value) else f"{value:.1f}s"
 
 
 @dataclass(frozen=True)
@@ -70,10 +75,14 @@ class _Credential:
 
 class Sidecar:
     def __init__(self, opts: ExecOptions, *, clock: Callable[[], float] = time.time,
-                 core_limit: int = 0) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, core_limit: int = 0) -> None:
         self._o = opts
         self._core_limit = core_limit
         self._clock = clock
+        # The wait for the daemon runs on these two, so a test can drive it without waiting for it.
+        self._monotonic = monotonic
+        self._sleep = sleep
         self._client = AsyncClient(opts.socket, retries=1, refresh_fraction=opts.refresh_fraction)
         self._creds: list[_Credential] = []
         self._dir: CredentialDir | None = None
@@ -96,12 +105,14 @@ class Sidecar:
             try:
                 await self._preparing
             except (BrokerError, OSError) as exc:
-                log.error("broker exec: %s", exc)
+                log.error("%s", exc)
+                if isinstance(exc, Refused) and exc.request_id:
+                    log.error("%s", exc.where_to_look)
                 return 1
             except asyncio.CancelledError:
                 if self._stopped_by is None:
                     raise  # cancelled from outside, not by a signal of ours
-                log.warning("broker exec: stopped by signal %d before the command started", self._stopped_by)
+                log.warning("stopped by signal %d before the command started", self._stopped_by)
                 return 128 + self._stopped_by
             tasks = [asyncio.create_task(self._refresh_loop()), asyncio.create_task(self._watch_revocations())]
             tasks += [asyncio.create_task(self._follow_secret(c)) for c in self._creds if c.has_secret]
@@ -120,6 +131,11 @@ class Sidecar:
             raise BrokerError(f"workflow {self._o.workflow!r} has no tool(s) {', '.join(unknown)}")
         chosen = [by_name[t] for t in (self._o.tools or tuple(by_name))]
         self._dir = CredentialDir()
+        if self._dir.stale_tokens:
+            # A run killed before it could clean up (kill -9, OOM) left tokens that its agent's children
+            # may still hold: they stop verifying now, not at their expiry.
+            log.warning("revoking %d token(s) of an earlier run that was killed", len(self._dir.stale_tokens))
+            await self._revoke(self._dir.stale_tokens, "of a killed earlier run")
         for t in chosen:
             # A tool with no delivery configured still gets a file: something the agent can read.
             self._creds.append(_Credential(t.tool, t.env, t.file or ("" if t.env else f"{t.tool}.token"),
@@ -133,16 +149,26 @@ class Sidecar:
 
     async def _retry_until_ready(self, call: Callable[[], Awaitable[T]]) -> T:
         """Before the child starts: retry while the daemon is unreachable, up to --wait-timeout."""
-        deadline = time.monotonic() + self._o.wait_timeout
+        start = self._monotonic()
+        deadline = start + self._o.wait_timeout
         delay = 0.2
+        next_note = 0.0  # when to say again that we are still waiting
         while True:
             try:
                 return await call()
-            except Unavailable:
-                if time.monotonic() + delay > deadline:
-                    raise BrokerError(f"the broker daemon stayed unreachable for {self._o.wait_timeout:.0f}s") \
-                        from None
-                await asyncio.sleep(delay)
+            except Unavailable as exc:
+                now = self._monotonic()
+                if now >= deadline:
+                    # The time actually waited, not the option: the two differ by the last attempt.
+                    raise BrokerError(f"gave up after {now - start:.1f}s: {exc}") from None
+                if now >= next_note:
+                    # Silence looks like a hang: name the socket at once, then every PROGRESS_EVERY.
+                    log.warning("waiting for the broker daemon at %s: %.0fs of %s (--wait-timeout)",
+                                self._client.socket_path, now - start, _seconds(self._o.wait_timeout))
+                    next_note = now + PROGRESS_EVERY
+                # Never sleep past the deadline, and try once more at it: giving up early (before the
+                # full wait) would make --wait-timeout a lie.
+                await self._sleep(min(delay, deadline - now))
                 delay = min(delay * 2, 5.0)
 
     async def _mint(self, cred: _Credential) -> Minted:
@@ -155,6 +181,8 @@ class Sidecar:
         # Expired tokens need no revocation: the list holds only what could still be presented.
         cred.issued = [(t, exp) for t, exp in cred.issued if exp > now]
         cred.issued.append((minted.token, minted.expires_at))
+        # Written down before the token reaches the agent: if this sidecar is killed, the next run revokes it.
+        self._dir.record_issued([i for c in self._creds for i in c.issued])
         cred.refresh_at = minted.refresh_at(self._o.refresh_fraction)
         cred.backoff = 0.5
         if cred.file:
@@ -195,10 +223,10 @@ class Sidecar:
                     if self._store_secret(cred, secret):
                         self._publish(files=True, env=False)
             except (BrokerError, StopAsyncIteration, OSError) as exc:
-                log.warning("broker exec: secret stream for %s interrupted (%s)", cred.tool, exc)
+                log.warning("secret stream for %s interrupted (%s)", cred.tool, exc)
             cred.secret_stream = None
             if cred.secret_expires and self._clock() >= cred.secret_expires and self._dir is not None:
-                log.error("broker exec: secret for %s expired and could not be renewed; removed it", cred.tool)
+                log.error("secret for %s expired and could not be renewed; removed it", cred.tool)
                 self._dir.remove(f"{cred.tool}.secret.json")
                 cred.secret_key, cred.secret_expires = (0, ""), 0.0
                 self._dir.bump()
@@ -225,7 +253,7 @@ class Sidecar:
             if waiter.done():  # it exited on its own: its status is the answer, even if a restart was due
                 code = waiter.result()
                 return 128 - code if code < 0 else code
-            log.info("broker exec: restarting the child to deliver new credentials")
+            log.info("restarting the child to deliver new credentials")
             await self._stop_child(waiter)
             if self._exiting:
                 code = waiter.result()
@@ -279,7 +307,7 @@ class Sidecar:
             # loop die: a dead loop would also stop _expire, and the child would keep a dead token.
             cred.refresh_at = now + cred.backoff
             cred.backoff = min(cred.backoff * 2, MAX_BACKOFF)
-            log.warning("broker exec: could not refresh %s (%s); retrying in %.1fs", cred.tool,
+            log.warning("could not refresh %s (%s); retrying in %.1fs", cred.tool,
                         type(exc).__name__, cred.refresh_at - now)
             return False
         return True
@@ -294,7 +322,7 @@ class Sidecar:
             if self._o.restart:
                 self._restart.set()
             else:
-                log.warning("broker exec: new credentials for environment variables reach the child only with "
+                log.warning("new credentials for environment variables reach the child only with "
                             "--restart; the running child keeps the old ones until they expire")
 
     def _expire(self, now: float) -> None:
@@ -302,7 +330,7 @@ class Sidecar:
         expired = [c for c in self._creds if c.minted is not None and now >= c.minted.expires_at - EXPIRY_MARGIN]
         for cred in expired:
             # An agent must fail loudly, not keep presenting a dead token.
-            log.error("broker exec: credential for %s expired and could not be renewed; removed it", cred.tool)
+            log.error("credential for %s expired and could not be renewed; removed it", cred.tool)
             cred.minted = None
             if cred.file:
                 self._dir.remove(cred.file)
@@ -317,11 +345,11 @@ class Sidecar:
                     backoff = 0.2
                     for cred in self._creds:
                         if cred.minted is not None and cred.minted.jti in revoked:
-                            log.warning("broker exec: credential for %s was revoked; replacing it", cred.tool)
+                            log.warning("credential for %s was revoked; replacing it", cred.tool)
                             cred.refresh_at = 0.0
                             self._wake.set()
             except BrokerError as exc:
-                log.debug("broker exec: revocation stream interrupted (%s)", exc)
+                log.debug("revocation stream interrupted (%s)", exc)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
 
@@ -332,19 +360,32 @@ class Sidecar:
                 with contextlib.suppress(Exception):
                     await cred.secret_stream.aclose()
         now = self._clock()
-        # Newest first: those live longest. Each batch on its own, so one failure skips no other.
-        tokens = [t for t, exp in sorted((i for c in self._creds for i in c.issued), key=lambda i: -i[1])
-                  if exp > now]
-        for i in range(0, len(tokens), REVOKE_BATCH):
-            # Tell the daemon this run is over: its tokens stop verifying now, not at their expiry.
-            try:
-                await asyncio.wait_for(self._client.revoke(tokens[i:i + REVOKE_BATCH]), 5)
-            except (BrokerError, TimeoutError) as exc:
-                log.warning("broker exec: could not revoke %d token(s) of this run (%s); they end at their "
-                            "expiry", len(tokens[i:i + REVOKE_BATCH]), type(exc).__name__)
+        # Newest first: those live longest.
+        issued = sorted(((t, exp) for c in self._creds for t, exp in c.issued if exp > now), key=lambda i: -i[1])
+        # Tell the daemon this run is over: its tokens stop verifying now, not at their expiry.
+        failed = await self._revoke([t for t, _ in issued], "of this run")
         if self._dir is not None:
-            self._dir.cleanup()
+            left = [i for i in issued if i[0] in failed]
+            if left:
+                # The daemon is away: the list stays, and the next run (once this pid is gone) revokes them.
+                self._dir.record_issued(left)
+                log.warning("the next broker exec of this user revokes them if they are still alive")
+            self._dir.cleanup(keep_issued=bool(left))
         await self._client.close()
+
+    async def _revoke(self, tokens: list[str], whose: str) -> set[str]:
+        """Revoke in batches; return the tokens that could not be revoked."""
+        failed: set[str] = set()
+        # Each batch on its own, so one failure skips no other.
+        for i in range(0, len(tokens), REVOKE_BATCH):
+            batch = tokens[i:i + REVOKE_BATCH]
+            try:
+                await asyncio.wait_for(self._client.revoke(batch), 5)
+            except (BrokerError, TimeoutError) as exc:
+                failed.update(batch)
+                log.warning("could not revoke %d token(s) %s (%s); they end at their expiry",
+                            len(batch), whose, type(exc).__name__)
+        return failed
 
 
 class Child:

@@ -275,10 +275,11 @@ def check_claims(c: Claims, expect: Expect, now: int) -> None:
         raise InvalidToken("expired")
     if now + expect.leeway < c.nbf or now + expect.leeway < c.iat:
         raise InvalidToken("not yet valid")
-    if expect.audience not in c.aud:
-        raise InvalidToken("wrong audience")
+    # The tool first: a token shown to another tool fails on both, and "wrong tool" is the cause.
     if expect.tool is not None and c.tool != expect.tool:
         raise InvalidToken("wrong tool")
+    if expect.audience not in c.aud:
+        raise InvalidToken("wrong audience")
 
 
 def verify(token: bytes | str, keys: Mapping[str, VerifyKey], expect: Expect, now: int) -> Claims:

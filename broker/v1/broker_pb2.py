@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62roker/v1/broker.proto\x12\tbroker.v1\"Y\n\x10MintTokenRequest\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x10\n\x08\x61udience\x18\x03 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\"V\n\x11MintTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0b\n\x03jti\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x11\n\tissued_at\x18\x04 \x01(\x03\"C\n\x12VerifyTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x10\n\x08\x61udience\x18\x03 \x01(\t\"*\n\x13VerifyTokenResponse\x12\x13\n\x0b\x63laims_json\x18\x01 \x01(\t\"\x10\n\x0eGetJWKSRequest\"C\n\x04JWKS\x12\x11\n\tjwks_json\x18\x01 \x01(\t\x12(\n\x07revoked\x18\x02 \x03(\x0b\x32\x17.broker.v1.RevokedToken\"/\n\x0cRevokedToken\x12\x0b\n\x03jti\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\"%\n\x13RevokeTokensRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\t\"\'\n\x14RevokeTokensResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\r\"+\n\x17\x44\x65scribeWorkflowRequest\x12\x10\n\x08workflow\x18\x01 \x01(\t\"`\n\x0cToolDelivery\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12\x0b\n\x03\x65nv\x18\x03 \x01(\t\x12\x0c\n\x04\x66ile\x18\x04 \x01(\t\x12\x12\n\nhas_secret\x18\x05 \x01(\x08\"T\n\x18\x44\x65scribeWorkflowResponse\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12&\n\x05tools\x18\x02 \x03(\x0b\x32\x17.broker.v1.ToolDelivery\"\x0f\n\rReloadRequest\"J\n\x0eReloadResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x10\n\x08problems\x18\x02 \x03(\t\x12\x15\n\rconfig_sha256\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"%\n\x0eStatusResponse\x12\x13\n\x0bstatus_json\x18\x01 \x01(\t\"T\n\x10GetSecretRequest\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x0f\n\x07refresh\x18\x03 \x01(\x08\x12\x0f\n\x07per_run\x18\x04 \x01(\x08\"\xd8\x01\n\x06Secret\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12)\n\x04\x64\x61ta\x18\x04 \x03(\x0b\x32\x1b.broker.v1.Secret.DataEntry\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x10\n\x08lease_id\x18\x06 \x01(\t\x12\x12\n\nexpires_at\x18\x07 \x01(\x01\x12\x11\n\trenewable\x18\x08 \x01(\x08\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xba\x05\n\x06\x42roker\x12\x46\n\tMintToken\x12\x1b.broker.v1.MintTokenRequest\x1a\x1c.broker.v1.MintTokenResponse\x12L\n\x0bVerifyToken\x12\x1d.broker.v1.VerifyTokenRequest\x1a\x1e.broker.v1.VerifyTokenResponse\x12\x35\n\x07GetJWKS\x12\x19.broker.v1.GetJWKSRequest\x1a\x0f.broker.v1.JWKS\x12\x39\n\tWatchJWKS\x12\x19.broker.v1.GetJWKSRequest\x1a\x0f.broker.v1.JWKS0\x01\x12O\n\x0cRevokeTokens\x12\x1e.broker.v1.RevokeTokensRequest\x1a\x1f.broker.v1.RevokeTokensResponse\x12[\n\x10\x44\x65scribeWorkflow\x12\".broker.v1.DescribeWorkflowRequest\x1a#.broker.v1.DescribeWorkflowResponse\x12;\n\tGetSecret\x12\x1b.broker.v1.GetSecretRequest\x1a\x11.broker.v1.Secret\x12?\n\x0bWatchSecret\x12\x1b.broker.v1.GetSecretRequest\x1a\x11.broker.v1.Secret0\x01\x12=\n\x06Reload\x12\x18.broker.v1.ReloadRequest\x1a\x19.broker.v1.ReloadResponse\x12=\n\x06Status\x12\x18.broker.v1.StatusRequest\x1a\x19.broker.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62roker/v1/broker.proto\x12\tbroker.v1\"\x0f\n\rWhoAmIRequest\"\x9f\x01\n\x0eWhoAmIResponse\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0b\n\x03gid\x18\x03 \x01(\r\x12\x0c\n\x04user\x18\x04 \x01(\t\x12\x0e\n\x06groups\x18\x05 \x03(\t\x12\x0b\n\x03\x65xe\x18\x06 \x01(\t\x12\x12\n\nexe_sha256\x18\x07 \x01(\t\x12\x14\n\x0csystemd_unit\x18\x08 \x01(\t\x12\x11\n\tworkflows\x18\t \x03(\t\"Y\n\x10MintTokenRequest\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x10\n\x08\x61udience\x18\x03 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\"V\n\x11MintTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0b\n\x03jti\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12\x11\n\tissued_at\x18\x04 \x01(\x03\"C\n\x12VerifyTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x10\n\x08\x61udience\x18\x03 \x01(\t\"*\n\x13VerifyTokenResponse\x12\x13\n\x0b\x63laims_json\x18\x01 \x01(\t\"\x10\n\x0eGetJWKSRequest\"C\n\x04JWKS\x12\x11\n\tjwks_json\x18\x01 \x01(\t\x12(\n\x07revoked\x18\x02 \x03(\x0b\x32\x17.broker.v1.RevokedToken\"/\n\x0cRevokedToken\x12\x0b\n\x03jti\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\"%\n\x13RevokeTokensRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\t\"\'\n\x14RevokeTokensResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\r\"+\n\x17\x44\x65scribeWorkflowRequest\x12\x10\n\x08workflow\x18\x01 \x01(\t\"`\n\x0cToolDelivery\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12\x0b\n\x03\x65nv\x18\x03 \x01(\t\x12\x0c\n\x04\x66ile\x18\x04 \x01(\t\x12\x12\n\nhas_secret\x18\x05 \x01(\x08\"T\n\x18\x44\x65scribeWorkflowResponse\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12&\n\x05tools\x18\x02 \x03(\x0b\x32\x17.broker.v1.ToolDelivery\"\x0f\n\rReloadRequest\"J\n\x0eReloadResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x10\n\x08problems\x18\x02 \x03(\t\x12\x15\n\rconfig_sha256\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"%\n\x0eStatusResponse\x12\x13\n\x0bstatus_json\x18\x01 \x01(\t\"T\n\x10GetSecretRequest\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x0f\n\x07refresh\x18\x03 \x01(\x08\x12\x0f\n\x07per_run\x18\x04 \x01(\x08\"\xd8\x01\n\x06Secret\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12)\n\x04\x64\x61ta\x18\x04 \x03(\x0b\x32\x1b.broker.v1.Secret.DataEntry\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x10\n\x08lease_id\x18\x06 \x01(\t\x12\x12\n\nexpires_at\x18\x07 \x01(\x01\x12\x11\n\trenewable\x18\x08 \x01(\x08\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xf9\x05\n\x06\x42roker\x12\x46\n\tMintToken\x12\x1b.broker.v1.MintTokenRequest\x1a\x1c.broker.v1.MintTokenResponse\x12L\n\x0bVerifyToken\x12\x1d.broker.v1.VerifyTokenRequest\x1a\x1e.broker.v1.VerifyTokenResponse\x12\x35\n\x07GetJWKS\x12\x19.broker.v1.GetJWKSRequest\x1a\x0f.broker.v1.JWKS\x12\x39\n\tWatchJWKS\x12\x19.broker.v1.GetJWKSRequest\x1a\x0f.broker.v1.JWKS0\x01\x12O\n\x0cRevokeTokens\x12\x1e.broker.v1.RevokeTokensRequest\x1a\x1f.broker.v1.RevokeTokensResponse\x12[\n\x10\x44\x65scribeWorkflow\x12\".broker.v1.DescribeWorkflowRequest\x1a#.broker.v1.DescribeWorkflowResponse\x12;\n\tGetSecret\x12\x1b.broker.v1.GetSecretRequest\x1a\x11.broker.v1.Secret\x12?\n\x0bWatchSecret\x12\x1b.broker.v1.GetSecretRequest\x1a\x11.broker.v1.Secret0\x01\x12=\n\x06Reload\x12\x18.broker.v1.ReloadRequest\x1a\x19.broker.v1.ReloadResponse\x12=\n\x06Status\x12\x18.broker.v1.StatusRequest\x1a\x19.broker.v1.StatusResponse\x12=\n\x06WhoAmI\x12\x18.broker.v1.WhoAmIRequest\x1a\x19.broker.v1.WhoAmIResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,44 +33,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SECRET_DATAENTRY']._loaded_options = None
   _globals['_SECRET_DATAENTRY']._serialized_options = b'8\001'
-  _globals['_MINTTOKENREQUEST']._serialized_start=37
-  _globals['_MINTTOKENREQUEST']._serialized_end=126
-  _globals['_MINTTOKENRESPONSE']._serialized_start=128
-  _globals['_MINTTOKENRESPONSE']._serialized_end=214
-  _globals['_VERIFYTOKENREQUEST']._serialized_start=216
-  _globals['_VERIFYTOKENREQUEST']._serialized_end=283
-  _globals['_VERIFYTOKENRESPONSE']._serialized_start=285
-  _globals['_VERIFYTOKENRESPONSE']._serialized_end=327
-  _globals['_GETJWKSREQUEST']._serialized_start=329
-  _globals['_GETJWKSREQUEST']._serialized_end=345
-  _globals['_JWKS']._serialized_start=347
-  _globals['_JWKS']._serialized_end=414
-  _globals['_REVOKEDTOKEN']._serialized_start=416
-  _globals['_REVOKEDTOKEN']._serialized_end=463
-  _globals['_REVOKETOKENSREQUEST']._serialized_start=465
-  _globals['_REVOKETOKENSREQUEST']._serialized_end=502
-  _globals['_REVOKETOKENSRESPONSE']._serialized_start=504
-  _globals['_REVOKETOKENSRESPONSE']._serialized_end=543
-  _globals['_DESCRIBEWORKFLOWREQUEST']._serialized_start=545
-  _globals['_DESCRIBEWORKFLOWREQUEST']._serialized_end=588
-  _globals['_TOOLDELIVERY']._serialized_start=590
-  _globals['_TOOLDELIVERY']._serialized_end=686
-  _globals['_DESCRIBEWORKFLOWRESPONSE']._serialized_start=688
-  _globals['_DESCRIBEWORKFLOWRESPONSE']._serialized_end=772
-  _globals['_RELOADREQUEST']._serialized_start=774
-  _globals['_RELOADREQUEST']._serialized_end=789
-  _globals['_RELOADRESPONSE']._serialized_start=791
-  _globals['_RELOADRESPONSE']._serialized_end=865
-  _globals['_STATUSREQUEST']._serialized_start=867
-  _globals['_STATUSREQUEST']._serialized_end=882
-  _globals['_STATUSRESPONSE']._serialized_start=884
-  _globals['_STATUSRESPONSE']._serialized_end=921
-  _globals['_GETSECRETREQUEST']._serialized_start=923
-  _globals['_GETSECRETREQUEST']._serialized_end=1007
-  _globals['_SECRET']._serialized_start=1010
-  _globals['_SECRET']._serialized_end=1226
-  _globals['_SECRET_DATAENTRY']._serialized_start=1183
-  _globals['_SECRET_DATAENTRY']._serialized_end=1226
-  _globals['_BROKER']._serialized_start=1229
-  _globals['_BROKER']._serialized_end=1927
+  _globals['_WHOAMIREQUEST']._serialized_start=37
+  _globals['_WHOAMIREQUEST']._serialized_end=52
+  _globals['_WHOAMIRESPONSE']._serialized_start=55
+  _globals['_WHOAMIRESPONSE']._serialized_end=214
+  _globals['_MINTTOKENREQUEST']._serialized_start=216
+  _globals['_MINTTOKENREQUEST']._serialized_end=305
+  _globals['_MINTTOKENRESPONSE']._serialized_start=307
+  _globals['_MINTTOKENRESPONSE']._serialized_end=393
+  _globals['_VERIFYTOKENREQUEST']._serialized_start=395
+  _globals['_VERIFYTOKENREQUEST']._serialized_end=462
+  _globals['_VERIFYTOKENRESPONSE']._serialized_start=464
+  _globals['_VERIFYTOKENRESPONSE']._serialized_end=506
+  _globals['_GETJWKSREQUEST']._serialized_start=508
+  _globals['_GETJWKSREQUEST']._serialized_end=524
+  _globals['_JWKS']._serialized_start=526
+  _globals['_JWKS']._serialized_end=593
+  _globals['_REVOKEDTOKEN']._serialized_start=595
+  _globals['_REVOKEDTOKEN']._serialized_end=642
+  _globals['_REVOKETOKENSREQUEST']._serialized_start=644
+  _globals['_REVOKETOKENSREQUEST']._serialized_end=681
+  _globals['_REVOKETOKENSRESPONSE']._serialized_start=683
+  _globals['_REVOKETOKENSRESPONSE']._serialized_end=722
+  _globals['_DESCRIBEWORKFLOWREQUEST']._serialized_start=724
+  _globals['_DESCRIBEWORKFLOWREQUEST']._serialized_end=767
+  _globals['_TOOLDELIVERY']._serialized_start=769
+  _globals['_TOOLDELIVERY']._serialized_end=865
+  _globals['_DESCRIBEWORKFLOWRESPONSE']._serialized_start=867
+  _globals['_DESCRIBEWORKFLOWRESPONSE']._serialized_end=951
+  _globals['_RELOADREQUEST']._serialized_start=953
+  _globals['_RELOADREQUEST']._serialized_end=968
+  _globals['_RELOADRESPONSE']._serialized_start=970
+  _globals['_RELOADRESPONSE']._serialized_end=1044
+  _globals['_STATUSREQUEST']._serialized_start=1046
+  _globals['_STATUSREQUEST']._serialized_end=1061
+  _globals['_STATUSRESPONSE']._serialized_start=1063
+  _globals['_STATUSRESPONSE']._serialized_end=1100
+  _globals['_GETSECRETREQUEST']._serialized_start=1102
+  _globals['_GETSECRETREQUEST']._serialized_end=1186
+  _globals['_SECRET']._serialized_start=1189
+  _globals['_SECRET']._serialized_end=1405
+  _globals['_SECRET_DATAENTRY']._serialized_start=1362
+  _globals['_SECRET_DATAENTRY']._serialized_end=1405
+  _globals['_BROKER']._serialized_start=1408
+  _globals['_BROKER']._serialized_end=2169
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class WhoAmIRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WhoAmIResponse(_message.Message):
+    __slots__ = ("pid", "uid", "gid", "user", "groups", "exe", "exe_sha256", "systemd_unit", "workflows")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    EXE_FIELD_NUMBER: _ClassVar[int]
+    EXE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SYSTEMD_UNIT_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOWS_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    uid: int
+    gid: int
+    user: str
+    groups: _containers.RepeatedScalarFieldContainer[str]
+    exe: str
+    exe_sha256: str
+    systemd_unit: str
+    workflows: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, pid: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., user: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., exe: _Optional[str] = ..., exe_sha256: _Optional[str] = ..., systemd_unit: _Optional[str] = ..., workflows: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class MintTokenRequest(_message.Message):
     __slots__ = ("workflow", "tool", "audience", "ttl_seconds")
     WORKFLOW_FIELD_NUMBER: _ClassVar[int]

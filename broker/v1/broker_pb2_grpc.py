@@ -84,6 +84,11 @@ class BrokerStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.StatusRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/broker.v1.Broker/WhoAmI',
+                request_serializer=broker_dot_v1_dot_broker__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -162,6 +167,15 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WhoAmI(self, request, context):
+        """What the daemon sees of the calling process (`broker whoami`): the selectors caller blocks match,
+        and the workflows whose caller blocks it matches. Always about the caller itself: the request has
+        no field that could name another process or uid.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -214,6 +228,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.StatusRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.StatusResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.WhoAmIRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.WhoAmIResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +505,33 @@ class Broker:
             '/broker.v1.Broker/Status',
             broker_dot_v1_dot_broker__pb2.StatusRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Broker/WhoAmI',
+            broker_dot_v1_dot_broker__pb2.WhoAmIRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.WhoAmIResponse.FromString,
             options,
             channel_credentials,
             insecure,

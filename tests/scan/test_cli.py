@@ -79,7 +79,10 @@ def test_baseline_follows_the_secret_not_the_line(tree: tuple[Path, str], tmp_pa
     root, secret = tree
     baseline = tmp_path / "baseline.json"
     run_scan("--format", "json", "--output", str(baseline), cwd=root)
-    assert run_scan("--baseline", str(baseline), cwd=root).code == 0
+    accepted = run_scan("--baseline", str(baseline), cwd=root)
+    assert accepted.code == 0
+    # Says how much it hid: a baseline that silently accepts everything must not look like a clean tree.
+    assert f"baseline {baseline} accepted 1 of 1 finding (1 fingerprint in the file)" in accepted.err
     # The same secret moved to another line (and file) stays accepted.
     (root / "app.py").write_text(f'# moved\n\n\n\nGH = "{secret}"\n')
     assert run_scan("--baseline", str(baseline), cwd=root).code == 0

@@ -138,6 +138,9 @@ CASES: dict[str, tuple[Callable[[], bytes | str], str]] = {
     "issued in the future": (lambda: tokens.mint(ES, make_claims(iat=NOW + 60)), "not yet valid"),
     "wrong audience": (lambda: tokens.mint(ES, make_claims(aud=("billing",))), "wrong audience"),
     "wrong tool": (lambda: tokens.mint(ES, make_claims(tool="delete_ticket")), "wrong tool"),
+    # Another tool's token carries that tool as its audience too: the tool is named as the cause.
+    "another tool's token": (lambda: tokens.mint(ES, make_claims(tool="delete_ticket", aud=("delete_ticket",))),
+                             "wrong tool"),
     "workflow token for a tool": (lambda: tokens.mint(ES, make_claims(tool=None, act=(), dst=())), "wrong tool"),
     "other trust domain": (lambda: tokens.mint(ES, make_claims(iss="spiffe://evil.org",
                                                                sub="spiffe://evil.org/workflow/wf-7")),

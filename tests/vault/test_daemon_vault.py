@@ -73,6 +73,9 @@ def test_fleet_jwks_across_two_daemons(short_tmp: str, bao: OpenBao, admin: hvac
         status = json.loads(subprocess.run([sys.executable, "-m", "broker", "status", "--json", "--socket",
                                             db.socket], capture_output=True, text=True, check=True).stdout)
         assert status["degraded"] == []
+        text = subprocess.run([sys.executable, "-m", "broker", "status", "--socket", db.socket], capture_output=True,
+                              text=True, check=True).stdout
+        assert f"vault: {bao.address}, healthy" in text  # a healthy Vault is shown, not only a sick one
 
 
 def test_secrets_get_watch_and_sidecar(short_tmp: str, bao: OpenBao, admin: hvac.Client, creds_dir: str,
