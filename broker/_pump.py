@@ -11,8 +11,18 @@ forces the pure one.
 
 Semantics shared by both twins (the tests run against each):
 
-* ``add(pair_id, a, b)`` takes ownership of two connected stream sockets; if it raises, the fds are
-  still the caller's. After ``stop()`` it raises :class:`~broker.errors.BrokerError`.
+* ``add(pair_id, a, b, sender)`` takes ownership of two connected stream sockets; if it raises, the fds
+  are still the caller's. After ``stop()`` it raises :class:`~broker.errors.BrokerError`.
+* Every byte relayed from the agent (``a``) must have been written by process ``sender`` (the pid the
+  front door pinned at accept). The pump sets ``SO_PASSCRED`` on ``a`` and reads it with ``recvmsg``,
+  so the kernel attaches the writer's process id (its thread group id: every thread of one process
+  counts as that process) to each read. A read whose writer is any other process (a forked child, or
+  anyone the fd was passed to), or that carries no credentials, or that carries anything more (passed
+  file descriptors) closes the pair before a byte of it is relayed. This holds per read because the
+  kernel never merges data from different writers into one read on a Unix stream socket when the
+  reader asked for credentials: ``unix_stream_read_generic()`` (net/unix/af_unix.c) takes the first
+  queued skb's credentials and stops at the first skb whose pid, uid or gid differs
+  ("Never glue messages from different writers"). tests/test_pump.py checks that on the running kernel.
 * Each direction has a 64 KiB buffer. A side is read only while its buffer has room, so a slow reader
   stalls the writer in the kernel instead of growing the pump's memory.
 * EOF from one side is forwarded, once its buffer is flushed, as ``shutdown(SHUT_WR)`` on the other.
@@ -30,9 +40,11 @@ Semantics shared by both twins (the tests run against each):
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import selectors
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from typing import Final, Protocol
@@ -43,6 +55,10 @@ __all__ = ["BACKEND", "BUF_SIZE", "Pump", "PurePump", "make_pump"]
 
 #: Bytes buffered per direction of a pair; also the most the pump ever holds for one direction.
 BUF_SIZE: Final = 65536
+_UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# Room for exactly one SCM_CREDENTIALS message: passed descriptors that would follow it cannot fit, so the
+# kernel never installs them in our process (it sets MSG_CTRUNC and drops them), and we close the pair.
+_CRED_SPACE: Final = socket.CMSG_SPACE(_UCRED.size)
 
 
 class Pump(Protocol):
@@ -50,7 +66,7 @@ class Pump(Protocol):
 
     def start(self) -> None: ...
 
-    def add(self, pair_id: int, a: int, b: int) -> None: ...
+    def add(self, pair_id: int, a: int, b: int, sender: int) -> None: ...
 
     def stop(self) -> None: ...
 
@@ -72,10 +88,11 @@ class _Half:
 
 
 class _Pair:
-    __slots__ = ("closed", "events", "halves", "pair_id", "socks")
+    __slots__ = ("closed", "events", "halves", "pair_id", "sender", "socks")
 
-    def __init__(self, pair_id: int, socks: tuple[socket.socket, socket.socket]) -> None:
+    def __init__(self, pair_id: int, socks: tuple[socket.socket, socket.socket], sender: int) -> None:
         self.pair_id = pair_id
+        self.sender = sender  # the only process whose bytes on socks[0] are relayed
         self.socks = socks
         self.halves = (_Half(), _Half())
         self.events = [0, 0]  # interest registered in the selector for socks[i]; 0 means not registered
@@ -108,13 +125,32 @@ def _fill(pair: _Pair, d: int) -> None:
     """
     h = pair.halves[d]
     try:
-        n = pair.socks[d].recv_into(h.buf[h.end :])
+        if d == 0:
+            n = _recv_attested(pair.socks[0], h.buf[h.end :], pair.sender)
+        else:
+            n = pair.socks[1].recv_into(h.buf[h.end :])
     except BlockingIOError:
         return
     if n == 0:
         h.eof = True
     h.end += n
     _flush(pair, d)
+
+
+def _recv_attested(sock: socket.socket, into: memoryview, sender: int) -> int:
+    """One read from the agent, refused (OSError EPERM) unless process ``sender`` wrote all of it."""
+    n, ancillary, flags, _ = sock.recvmsg_into([into], _CRED_SPACE, socket.MSG_CMSG_CLOEXEC)
+    if n == 0:
+        return 0  # EOF carries no credentials and no bytes: nothing to attribute
+    # Fail closed: exactly one credentials message, nothing truncated (passed fds), and the pinned pid.
+    if flags & socket.MSG_CTRUNC or len(ancillary) != 1:
+        raise OSError(errno.EPERM, "unexpected ancillary data from the agent")
+    level, kind, data = ancillary[0]
+    if (level, kind, len(data)) != (socket.SOL_SOCKET, socket.SCM_CREDENTIALS, _UCRED.size):
+        raise OSError(errno.EPERM, "unexpected ancillary data from the agent")
+    if _UCRED.unpack(data)[0] != sender:
+        raise OSError(errno.EPERM, "bytes written by another process than the one that connected")
+    return n
 
 
 def _wanted(pair: _Pair, side: int) -> int:
@@ -167,13 +203,16 @@ class PurePump:
         self._thread = threading.Thread(target=self._run, name="broker-pump", daemon=True)
         self._thread.start()
 
-    def add(self, pair_id: int, a: int, b: int) -> None:
-        """Take ownership of the connected sockets a and b and relay between them.
+    def add(self, pair_id: int, a: int, b: int, sender: int) -> None:
+        """Take ownership of the connected sockets a and b and relay between them; only bytes that
+        process ``sender`` wrote to a are relayed (see the module docstring).
 
         On any exception the fds stay the caller's to close. Raises BrokerError after stop().
         """
         if a < 0 or b < 0 or a == b:
             raise ValueError("a and b must be two distinct open file descriptors")
+        if not 0 < sender < 2**31:
+            raise ValueError("sender must be a process id")
         if not -(2**63) <= pair_id < 2**63:
             # The native twin stores the id as a C long long; keep the contracts identical.
             raise OverflowError("pair_id does not fit in 64 bits")
@@ -185,13 +224,15 @@ class PurePump:
                 socks.append(socket.socket(fileno=fd))
                 if socks[-1].type != socket.SOCK_STREAM:
                     raise ValueError("the pump relays stream sockets only")
-            pair = _Pair(pair_id, (socks[0], socks[1]))
+            pair = _Pair(pair_id, (socks[0], socks[1]), sender)
             with self._lock:
                 if self._stopping:
                     raise BrokerError("pump is stopped")
                 # The fds are changed only once the pair is sure to be accepted (under the lock, so a
                 # concurrent stop() cannot intervene). Non-blocking: the loop must never sleep in
-                # recv/send. Not inheritable: no child may receive an agent's connection.
+                # recv/send. Not inheritable: no child may receive an agent's connection. SO_PASSCRED:
+                # the kernel names the writer of every read from the agent.
+                socks[0].setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
                 for s in socks:
                     s.setblocking(False)
                     s.set_inheritable(False)

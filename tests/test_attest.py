@@ -19,7 +19,7 @@ from broker.errors import AttestationError
 
 def me(uid: int | None = None) -> attest.PeerCred:
     return attest.PeerCred(os.getpid(), os.geteuid() if uid is None else uid, os.getegid(),
-                           attest.ProcessHandle(os.pidfd_open(os.getpid())))
+                           attest.ProcessHandle(os.pidfd_open(os.getpid())), attest.exe_identity(os.getpid()))
 
 
 def _connected_pair(tmp_path: object) -> tuple[socket.socket, socket.socket, socket.socket]:
@@ -94,6 +94,7 @@ def test_changed_credentials_are_detected() -> None:
 
 def test_selectors_match_this_process() -> None:
     caller = attest.attest(me())
+    attest.exe_sha256(caller)  # as ExeHashing does before the policy looks: matches() never reads a binary
     exe = os.path.realpath(sys.executable)
     with open(exe, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
@@ -132,7 +133,8 @@ def _hash_seen_running(exe: str) -> str | None:
     """The exe hash attestation reports for a process running ``exe``."""
     proc = subprocess.Popen([exe, "30"])
     try:
-        cred = attest.PeerCred(proc.pid, os.geteuid(), os.getegid(), attest.ProcessHandle(os.pidfd_open(proc.pid)))
+        cred = attest.PeerCred(proc.pid, os.geteuid(), os.getegid(), attest.ProcessHandle(os.pidfd_open(proc.pid)),
+                               attest.exe_identity(proc.pid))
         return attest.exe_sha256(attest.attest(cred))
     finally:
         proc.kill()
