@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import functools
 import grp
 import hashlib
 import os
@@ -446,11 +447,10 @@ class ExeHashing:
         self._limit = limit
         self._hash = hash_fn
         self._known = known
-        self._running: dict[int, asyncio.Future[None]] = {}  # uid -> its hash in flight
+        self._running: dict[int, asyncio.Future[str | None]] = {}  # uid -> its hash in flight
 
     async def ensure(self, caller: Caller, rules: Iterable[CallerRule]) -> None:
         """Memoise the caller's digest when a block needs it and a slot is free (see the class)."""
-        rules = list(rules)
         if not needs_exe_hash(rules, caller):
             return  # nobody reads a binary for a caller no hash-pinned block could admit anyway
         while not self._known(caller):
@@ -461,14 +461,17 @@ class ExeHashing:
             if len(self._running) >= self._limit:
                 caller._lazy["hash_skipped"] = "not computed: every hashing slot is busy"
                 return
-            done = asyncio.get_running_loop().create_future()
-            self._running[caller.uid] = done
-            try:
-                await asyncio.to_thread(self._hash, caller)
-            finally:
-                del self._running[caller.uid]
-                done.set_result(None)
+            running = asyncio.ensure_future(asyncio.to_thread(self._hash, caller))
+            self._running[caller.uid] = running
+            # The slot stays taken until the thread has finished reading, even when the request that
+            # started it is cancelled: abandoning requests must not start hash after hash.
+            running.add_done_callback(functools.partial(self._release, caller.uid))
+            await asyncio.shield(running)
             return
+
+    def _release(self, uid: int, done: asyncio.Future[str | None]) -> None:
+        if self._running.get(uid) is done:
+            del self._running[uid]
 
 
 exe_hashing = ExeHashing()

@@ -4,6 +4,7 @@ event loop, so one caller's new binary cannot stall every other caller's RPCs.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import tempfile
@@ -224,3 +225,30 @@ def test_a_full_pool_never_makes_another_uid_wait() -> None:
     asyncio.run(main())
     assert gate.calls == [1001, 1002, 1003]
     assert gate.most == 2
+
+
+def test_an_abandoned_request_keeps_its_slot_until_the_read_ends() -> None:
+    """Cancelling the request (the client hangs up) does not stop the thread reading the binary, so the
+    slot stays taken until it ends: a caller cannot start hash after hash by abandoning requests."""
+    gate = _GatedHash()
+    hashing = attest.ExeHashing(limit=1, hash_fn=gate, known=_memoised)
+
+    async def main() -> None:
+        gate.expect(1001)
+        abandoned = asyncio.create_task(hashing.ensure(_caller(1001), _ANY))
+        await _started(gate.started[1001])
+        abandoned.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await abandoned
+        other = _caller(1002)
+        await asyncio.wait_for(hashing.ensure(other, _ANY), HANG_GUARD)
+        assert "sha256" not in other._lazy  # the only slot is still the abandoned read's
+        gate.release[1001].set()
+        gate.expect(1002)
+        gate.release[1002].set()
+        while "sha256" not in other._lazy:  # the slot frees once the thread is done
+            await asyncio.wait_for(hashing.ensure(other, _ANY), HANG_GUARD)
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert gate.calls == [1001, 1002]
