@@ -10,9 +10,11 @@ Accepting happens on a dedicated thread (blocking ``accept(2)`` releases the GIL
 the pump (``broker._pump``: native, GIL-free, or its pure twin), so the relay never competes with request
 handlers on the event loop.
 
-The listener carries ``SO_PASSCRED``, which every accepted socket inherits at accept, so the kernel names
-the writer of every byte an agent sends, from its first byte on; the pump relays only bytes written by
-the process that connected (see ``broker._pump``).
+The listener carries ``SO_PASSCRED`` from before ``listen(2)`` (``bind_public``; ``PassCredentials=yes`` in
+broker.socket), and each connection inherits it when it is made, so the kernel names the writer of every
+byte an agent sends, from its first byte on; the pump relays only bytes written by the process that
+connected (see ``broker._pump``). A connection queued before the listener had it would not inherit it:
+its bytes written between accept and the pump taking it carry no writer, and it is closed (fail closed).
 
 Each uid may open connections at :data:`ACCEPT_RATE` per second with bursts of :data:`ACCEPT_BURST`
 (a token bucket per uid, on an injected clock). A uid over its rate has each new connection closed at
@@ -104,6 +106,8 @@ def bind_public(path: str) -> socket.socket:
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
+        # Before listen(2): connections inherit it when made, so none can be queued without it.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         sock.bind(path)
         os.chmod(path, 0o666)  # noqa: S103 - public by design: identity comes from SO_PEERCRED
         sock.listen(BACKLOG)
@@ -136,8 +140,9 @@ class FrontDoor:
                  max_per_uid: int | None = None, *, accept_rate: float = ACCEPT_RATE,
                  accept_burst: int = ACCEPT_BURST, clock: Callable[[], float] = time.monotonic) -> None:
         self._listener = listener
-        # Inherited by every accepted socket at accept(2): bytes an agent writes before the pump takes
-        # its socket still carry their writer (set on the socket only later, they would carry none).
+        # Normally set already (bind_public, broker.socket); for any other listener, from here on. Each
+        # connection inherits it when made, so the bytes an agent writes before the pump takes its socket
+        # still carry their writer (set on the accepted socket only, they would carry none).
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._rate = AcceptRate(accept_rate, accept_burst, clock)
         # Non-blocking, so a connection that vanished between poll and accept cannot stall the thread.

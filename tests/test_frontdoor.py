@@ -106,9 +106,12 @@ def test_a_dead_relay_is_reported_and_refuses(door: Door, caplog: pytest.LogCapt
     assert door.door._per_uid == {}
 
 
-def test_the_listener_passes_credentials_to_every_accepted_socket(door: Door) -> None:
+def test_the_listener_passes_credentials_to_every_connection(door: Door, short_tmp: str) -> None:
     """So the pump can attribute every byte an agent writes, from its first one (see broker._pump)."""
     assert door.door._listener.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED) == 1
+    # bind_public sets it before listen(2): no connection can be queued without it.
+    with frontdoor.bind_public(os.path.join(short_tmp, "b.sock")) as listener:
+        assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED) == 1
 
 
 class Clock:

@@ -560,8 +560,8 @@ def test_kernel_never_merges_two_writers_into_one_read(tmp_path: Path) -> None:
     With SO_PASSCRED on the reader, unix_stream_read_generic() (net/unix/af_unix.c) copies queued skbs
     into one read only while their writer's pid, uid and gid stay the same ("Never glue messages from
     different writers"). The writer's credentials are attached at write time when either end asked for
-    them or the receiving end is not accepted yet (unix_passcred_enabled), and an accepted socket
-    inherits SO_PASSCRED from its listener, so bytes written before accept are attributed too.
+    them or the receiving end is not accepted yet (unix_passcred_enabled), and a connection inherits
+    SO_PASSCRED from its listener when it is made, so bytes written before accept are attributed too.
     """
     path = str(tmp_path / "s.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
@@ -584,17 +584,22 @@ def test_kernel_never_merges_two_writers_into_one_read(tmp_path: Path) -> None:
                     (me, b"mine-3mine-4")]
 
 
-def test_bytes_written_after_accept_without_passcred_have_no_writer(tmp_path: Path) -> None:
-    """Why the front door sets SO_PASSCRED on the listener and not only on each accepted socket: once
-    accepted, a socket that has not asked for credentials gets bytes with no writer attached (pid 0),
-    which the pump would have to refuse."""
+@pytest.mark.parametrize("listener_passcred", ["never", "after the connection was made"])
+def test_bytes_written_after_accept_without_passcred_have_no_writer(tmp_path: Path, listener_passcred: str) -> None:
+    """Why the listener has SO_PASSCRED before listen(2) (bind_public; PassCredentials=yes in
+    broker.socket): once accepted, a socket that has not asked for credentials gets bytes with no writer
+    attached (pid 0), which the pump refuses; and a connection takes the flag from its listener when it
+    is made (unix_stream_connect), not when it is accepted."""
     path = str(tmp_path / "s.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(path)
         listener.listen()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as agent:
             agent.connect(path)
+            if listener_passcred != "never":
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             accepted, _ = listener.accept()
+            assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED) == 0
             with accepted:
                 agent.sendall(b"early")
                 accepted.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
