@@ -261,6 +261,9 @@ class FrontDoor:
         # Before anything costlier (the pidfd, /proc, the upstream connection): a churning uid costs
         # the accept thread one getsockopt and one close per connection.
         if not self._rate.admit(uid):
+            # Counted among the refused (exported as a metric) and on its own; not logged, since a log
+            # line per connection would hand the churner a way to flood the log instead.
+            self.refused += 1
             self.throttled += 1
             conn.close()
             return
