@@ -159,7 +159,7 @@ class Host:
         pump: _pump.Pump | None = None
         front: socket.socket | None = None
         if backend != "direct":
-            pump = NativePump(lambda _: None) if backend == "native" else _pump.PurePump(lambda _: None)
+            pump = NativePump(lambda *_: None) if backend == "native" else _pump.PurePump(lambda *_: None)
             pump.start()
             path = str(self.tmp / f"front-{backend}-{kind}.sock")
             front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -30,9 +30,10 @@ Semantics shared by both twins (the tests run against each):
   gRPC connection, so once its EOF has reached the agent the pair is closed, whether or not the agent
   ever closes: a silent client cannot keep a connection (and its slot) after the server let it go.
   Any socket error (ECONNRESET, EPIPE, ...) closes both fds at once, dropping buffered bytes.
-* ``on_close(pair_id)`` runs exactly once per pair, on the pump thread (or, if the pump was never
-  started, on the thread calling ``stop()``). Whatever it raises is swallowed silently: a faulty
-  callback must not stop the relaying of every other connection.
+* ``on_close(pair_id, refused_writer)`` runs exactly once per pair, on the pump thread (or, if the pump
+  was never started, on the thread calling ``stop()``); ``refused_writer`` is True when the pair was
+  closed because another process than ``sender`` wrote on it (or passed descriptors). Whatever it
+  raises is swallowed silently: a faulty callback must not stop the relaying of every other connection.
 * ``stop()`` closes every pair, reports each, joins the thread; it is idempotent. Called from inside
   ``on_close`` it only requests the stop, since a thread cannot join itself.
 """
@@ -51,7 +52,7 @@ from typing import Final, Protocol
 
 from broker.errors import BrokerError
 
-__all__ = ["BACKEND", "BUF_SIZE", "Pump", "PurePump", "make_pump"]
+__all__ = ["BACKEND", "BUF_SIZE", "OnClose", "Pump", "PurePump", "make_pump"]
 
 #: Bytes buffered per direction of a pair; also the most the pump ever holds for one direction.
 BUF_SIZE: Final = 65536
@@ -59,6 +60,9 @@ _UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # Room for exactly one SCM_CREDENTIALS message: passed descriptors that would follow it cannot fit, so the
 # kernel never installs them in our process (it sets MSG_CTRUNC and drops them), and we close the pair.
 _CRED_SPACE: Final = socket.CMSG_SPACE(_UCRED.size)
+
+#: ``on_close(pair_id, refused_writer)``: see the module docstring.
+OnClose = Callable[[int, bool], None]
 
 
 class Pump(Protocol):
@@ -87,8 +91,12 @@ class _Half:
         self.done = False  # EOF seen, every buffered byte written, destination shut down for writing
 
 
+class _RefusedWriter(OSError):
+    """A read from the agent that its sender did not write (alone): the pair ends like on a socket error."""
+
+
 class _Pair:
-    __slots__ = ("closed", "events", "halves", "pair_id", "sender", "socks")
+    __slots__ = ("closed", "events", "halves", "pair_id", "refused_writer", "sender", "socks")
 
     def __init__(self, pair_id: int, socks: tuple[socket.socket, socket.socket], sender: int) -> None:
         self.pair_id = pair_id
@@ -97,6 +105,7 @@ class _Pair:
         self.halves = (_Half(), _Half())
         self.events = [0, 0]  # interest registered in the selector for socks[i]; 0 means not registered
         self.closed = False
+        self.refused_writer = False
 
 
 def _flush(pair: _Pair, d: int) -> None:
@@ -138,18 +147,18 @@ def _fill(pair: _Pair, d: int) -> None:
 
 
 def _recv_attested(sock: socket.socket, into: memoryview, sender: int) -> int:
-    """One read from the agent, refused (OSError EPERM) unless process ``sender`` wrote all of it."""
+    """One read from the agent; raises _RefusedWriter unless process ``sender`` wrote all of it."""
     n, ancillary, flags, _ = sock.recvmsg_into([into], _CRED_SPACE, socket.MSG_CMSG_CLOEXEC)
     if n == 0:
         return 0  # EOF carries no credentials and no bytes: nothing to attribute
     # Fail closed: exactly one credentials message, nothing truncated (passed fds), and the pinned pid.
     if flags & socket.MSG_CTRUNC or len(ancillary) != 1:
-        raise OSError(errno.EPERM, "unexpected ancillary data from the agent")
+        raise _RefusedWriter(errno.EPERM, "unexpected ancillary data from the agent")
     level, kind, data = ancillary[0]
     if (level, kind, len(data)) != (socket.SOL_SOCKET, socket.SCM_CREDENTIALS, _UCRED.size):
-        raise OSError(errno.EPERM, "unexpected ancillary data from the agent")
+        raise _RefusedWriter(errno.EPERM, "unexpected ancillary data from the agent")
     if _UCRED.unpack(data)[0] != sender:
-        raise OSError(errno.EPERM, "bytes written by another process than the one that connected")
+        raise _RefusedWriter(errno.EPERM, "bytes written by another process than the one that connected")
     return n
 
 
@@ -170,7 +179,7 @@ class PurePump:
     """The pure-Python twin of ``broker._pump_native.NativePump``."""
 
     def __init__(
-        self, on_close: Callable[[int], None], selector: selectors.BaseSelector | None = None
+        self, on_close: OnClose, selector: selectors.BaseSelector | None = None
     ) -> None:
         """``selector`` (default: a new ``EpollSelector``) becomes the pump's own; it is closed by
         ``stop()``. Injectable so that tests can make the kernel's refusals happen on cue."""
@@ -330,6 +339,8 @@ class PurePump:
             if not pair.halves[1].done:  # the daemon's EOF, delivered to the agent, ends the pair
                 self._rearm(pair)
                 return
+        except _RefusedWriter:
+            pair.refused_writer = True
         except OSError:
             pass  # any socket error ends the pair, below
         self._close(pair)
@@ -376,7 +387,7 @@ class PurePump:
         for pair in closed:
             # Documented: the callback's failures are its own; the loop keeps relaying.
             with contextlib.suppress(BaseException):
-                self._on_close(pair.pair_id)
+                self._on_close(pair.pair_id, pair.refused_writer)
 
     def _close_fds(self) -> None:
         # After the loop has ended (caller holds the lock): nothing refers to the selector any more.
@@ -386,7 +397,7 @@ class PurePump:
             os.close(self._wakeup)
 
 
-def _load() -> tuple[Callable[[Callable[[int], None]], Pump], str]:
+def _load() -> tuple[Callable[[OnClose], Pump], str]:
     if os.environ.get("BROKER_PUREPYTHON") == "1":
         return PurePump, "pure"
     try:
@@ -400,6 +411,6 @@ def _load() -> tuple[Callable[[Callable[[int], None]], Pump], str]:
 _FACTORY, BACKEND = _load()
 
 
-def make_pump(on_close: Callable[[int], None]) -> Pump:
+def make_pump(on_close: OnClose) -> Pump:
     """A new, not yet started pump of the loaded backend (see ``BACKEND``)."""
     return _FACTORY(on_close)

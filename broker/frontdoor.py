@@ -208,11 +208,17 @@ class FrontDoor:
         self.stop_accepting()
         self._pump.stop()
 
-    def _closed(self, pair_id: int) -> None:
+    def _closed(self, pair_id: int, refused_writer: bool = False) -> None:
         name = self._names.pop(pair_id, None)
         if name is not None:
             cred = self._peers.pop(name, None)
             if cred is not None:
+                if refused_writer:
+                    # Someone else spoke on this process's connection (a forked child, or a process the
+                    # descriptor was passed to): a borrowing attempt, or a client that shares a
+                    # connection across fork. Rate-limited by the accept rate of that uid.
+                    log.warning("front door: closed a connection of pid %d (uid %d): another process "
+                                "wrote on it", cred.pid, cred.uid)
                 self._release(cred.uid)
 
     def _release(self, uid: int) -> None:

@@ -121,6 +121,7 @@ ctypedef struct pair_t:
     uint32_t events[2]  # interest currently registered in epoll for fd[i]; 0 means not registered
     half_t half[2]
     bint closed
+    bint refused_writer  # closed because another process than sender wrote on fd[0]
     # A pair sits on exactly one list at a time: pending (queued by add), open, or closed-not-yet-reported.
     pair_t *prev
     pair_t *next

@@ -14,7 +14,7 @@ machine, so their closing semantics are the same:
 * Bytes from the agent (fd[0]) are read with recvmsg and SO_PASSCRED: a read that another process than
   the pair's sender wrote, or that carries no credentials or anything besides them, closes the pair
   before a byte of it is relayed (why a read never mixes writers: broker/_pump.py).
-* A closed pair is reported to on_close(pair_id) exactly once, on the pump thread, with the GIL held
+* A closed pair is reported to on_close(pair_id, refused_writer) exactly once, on the pump thread, with the GIL held
   just for that call. Exceptions from on_close are swallowed without a word: the loop must survive a
   faulty callback, and the pump has no logger by design (native code does no I/O besides relaying).
 """
@@ -111,7 +111,9 @@ cdef inline int _fill(pair_t *p, int d) noexcept nogil:
         if d == 0:
             n = _recv_attested(p, h.buf + h.end, BUF_SIZE - h.end)
             if n == -2:
-                return -1  # another writer: closed like a broken socket, nothing of it relayed
+                # Another writer: closed like a broken socket, nothing of it relayed, and reported.
+                p.refused_writer = True
+                return -1
         else:
             n = recv(p.fd[1], h.buf + h.end, BUF_SIZE - h.end, 0)
         if n > 0:
@@ -511,7 +513,7 @@ cdef class NativePump:
             p = closed
             while p != NULL:
                 try:
-                    self._on_close(p.pair_id)
+                    self._on_close(p.pair_id, p.refused_writer)
                 except BaseException:
                     # Documented: the callback's failures are its own; the loop keeps relaying.
                     pass

@@ -193,3 +193,24 @@ def test_a_churning_uid_cannot_starve_another_uid(short_tmp: str, throwaway_user
     finally:
         d.door.close()
         d.server.close()
+
+
+def test_a_borrowed_connection_is_closed_and_logged(door: Door, caplog: pytest.LogCaptureFixture) -> None:
+    """A child process writes on a connection its parent (this process) made: the bytes never reach
+    the server, the connection ends, and the log names the process whose connection it was."""
+    caplog.set_level(logging.WARNING, "broker.frontdoor")
+    door.door.start()
+    client = door.connect()
+    client.sendall(b"hello")
+    upstream, _ = door.server.accept()
+    with upstream:
+        upstream.settimeout(HANG_GUARD)
+        assert upstream.recv(5) == b"hello"
+        subprocess.run([sys.executable, "-c", "import os, sys; os.write(int(sys.argv[1]), b'borrowed')",
+                        str(client.fileno())], pass_fds=(client.fileno(),), check=True, timeout=HANG_GUARD)
+        assert upstream.recv(100) == b""  # nothing of it reached the server; the connection ended
+    assert client.recv(1) == b""
+    _wait_for(lambda: "another process wrote on it" in caplog.text)
+    assert f"pid {os.getpid()} " in caplog.text
+    assert door.door.connections == 0
+    client.close()

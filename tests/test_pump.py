@@ -36,18 +36,18 @@ except ImportError:
 HANG_GUARD = 30.0
 
 
-def _pure(on_close: Callable[[int], None]) -> _pump.Pump:
+def _pure(on_close: _pump.OnClose) -> _pump.Pump:
     return _pump.PurePump(on_close)
 
 
-def _native(on_close: Callable[[int], None]) -> _pump.Pump:
+def _native(on_close: _pump.OnClose) -> _pump.Pump:
     if NativePump is None:
         pytest.skip("broker._pump_native is not built (python setup.py build_ext --inplace)")
     return NativePump(on_close)
 
 
 @pytest.fixture(params=[_native, _pure], ids=["native", "pure"])
-def factory(request: pytest.FixtureRequest) -> Callable[[Callable[[int], None]], _pump.Pump]:
+def factory(request: pytest.FixtureRequest) -> Callable[[_pump.OnClose], _pump.Pump]:
     return request.param  # type: ignore[no-any-return]
 
 
@@ -56,12 +56,15 @@ class Closed:
 
     def __init__(self) -> None:
         self.ids: list[int] = []
+        self.refused_writer: list[int] = []
         self.threads: set[str] = set()
         self._cond = threading.Condition()
 
-    def __call__(self, pair_id: int) -> None:
+    def __call__(self, pair_id: int, refused_writer: bool) -> None:
         with self._cond:
             self.ids.append(pair_id)
+            if refused_writer:
+                self.refused_writer.append(pair_id)
             self.threads.add(threading.current_thread().name)
             self._cond.notify_all()
 
@@ -123,7 +126,7 @@ def closed() -> Closed:
 
 
 @pytest.fixture
-def pump(factory: Callable[[Callable[[int], None]], _pump.Pump], closed: Closed) -> Iterator[_pump.Pump]:
+def pump(factory: Callable[[_pump.OnClose], _pump.Pump], closed: Closed) -> Iterator[_pump.Pump]:
     p = factory(closed)
     p.start()
     yield p
@@ -174,6 +177,7 @@ def test_echo(pump: _pump.Pump, wire: Wire, closed: Closed) -> None:
     server.close()
     closed.wait(1)
     assert closed.ids == [7]
+    assert closed.refused_writer == []  # an ordinary end
     assert closed.threads == {"broker-pump"}
     assert pump.active == 0
 
@@ -331,7 +335,7 @@ def test_many_pairs(pump: _pump.Pump, wire: Wire, closed: Closed) -> None:
     assert sorted(closed.ids) == list(range(n))
 
 
-def test_no_fd_leak(factory: Callable[[Callable[[int], None]], _pump.Pump], wire: Wire) -> None:
+def test_no_fd_leak(factory: Callable[[_pump.OnClose], _pump.Pump], wire: Wire) -> None:
     closed = Closed()
     before = fd_count()
     pump = factory(closed)
@@ -359,7 +363,7 @@ def test_no_fd_leak(factory: Callable[[Callable[[int], None]], _pump.Pump], wire
 
 
 def test_stop_closes_open_pairs(
-    factory: Callable[[Callable[[int], None]], _pump.Pump], wire: Wire, closed: Closed
+    factory: Callable[[_pump.OnClose], _pump.Pump], wire: Wire, closed: Closed
 ) -> None:
     pump = factory(closed)
     pump.start()
@@ -375,7 +379,7 @@ def test_stop_closes_open_pairs(
 
 
 def test_stop_without_start_closes_queued(
-    factory: Callable[[Callable[[int], None]], _pump.Pump], closed: Closed
+    factory: Callable[[_pump.OnClose], _pump.Pump], closed: Closed
 ) -> None:
     before = fd_count()
     pump = factory(closed)
@@ -391,7 +395,7 @@ def test_stop_without_start_closes_queued(
 
 
 def test_add_after_stop_raises_and_leaves_fds(
-    factory: Callable[[Callable[[int], None]], _pump.Pump], closed: Closed
+    factory: Callable[[_pump.OnClose], _pump.Pump], closed: Closed
 ) -> None:
     pump = factory(closed)
     pump.start()
@@ -435,10 +439,10 @@ def test_backpressure_blocks_writer(pump: _pump.Pump, wire: Wire, closed: Closed
     closed.wait(1)
 
 
-def test_callback_errors_are_ignored(factory: Callable[[Callable[[int], None]], _pump.Pump], wire: Wire) -> None:
+def test_callback_errors_are_ignored(factory: Callable[[_pump.OnClose], _pump.Pump], wire: Wire) -> None:
     seen: list[int] = []
 
-    def on_close(pair_id: int) -> None:
+    def on_close(pair_id: int, refused_writer: bool) -> None:
         seen.append(pair_id)
         raise RuntimeError("faulty callback")
 
@@ -454,11 +458,11 @@ def test_callback_errors_are_ignored(factory: Callable[[Callable[[int], None]], 
     assert sorted(seen) == [1, 2]
 
 
-def test_stop_from_on_close(factory: Callable[[Callable[[int], None]], _pump.Pump], wire: Wire) -> None:
+def test_stop_from_on_close(factory: Callable[[_pump.OnClose], _pump.Pump], wire: Wire) -> None:
     holder: list[_pump.Pump] = []
     seen: list[int] = []
 
-    def on_close(pair_id: int) -> None:
+    def on_close(pair_id: int, refused_writer: bool) -> None:
         seen.append(pair_id)
         holder[0].stop()  # must not deadlock: the pump thread cannot join itself
 
@@ -474,7 +478,7 @@ def test_stop_from_on_close(factory: Callable[[Callable[[int], None]], _pump.Pum
 
 
 def test_non_stream_fds_are_refused_and_left_to_caller(
-    factory: Callable[[Callable[[int], None]], _pump.Pump], closed: Closed, tmp_path: Path
+    factory: Callable[[_pump.OnClose], _pump.Pump], closed: Closed, tmp_path: Path
 ) -> None:
     pump = factory(closed)
     pump.start()
@@ -497,7 +501,7 @@ def test_non_stream_fds_are_refused_and_left_to_caller(
     os.close(regular)
 
 
-def test_invalid_fds_rejected(factory: Callable[[Callable[[int], None]], _pump.Pump], closed: Closed) -> None:
+def test_invalid_fds_rejected(factory: Callable[[_pump.OnClose], _pump.Pump], closed: Closed) -> None:
     pump = factory(closed)
     with pytest.raises(ValueError):
         pump.add(1, 3, 3, os.getpid())
@@ -617,7 +621,7 @@ def test_bytes_from_another_process_close_the_pair(pump: _pump.Pump, wire: Wire,
     closed.wait(1)
     assert server.recv(100) == b""
     assert agent.recv(100) == b""
-    assert closed.ids == [3]
+    assert closed.ids == closed.refused_writer == [3]  # reported as such
 
 
 def test_bytes_from_another_process_are_refused_even_when_queued_before_the_pump(
@@ -637,6 +641,7 @@ def test_bytes_from_another_process_are_refused_even_when_queued_before_the_pump
     pump.add(4, accepted.detach(), upstream.detach(), os.getpid())
     closed.wait(1)
     assert recv_all(server) == b"mine"
+    assert closed.refused_writer == [4]
 
 
 def test_every_thread_of_the_sender_is_the_sender(pump: _pump.Pump, wire: Wire, closed: Closed) -> None:
@@ -657,12 +662,13 @@ def test_passed_descriptors_close_the_pair_and_never_land_here(
         agent.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", f.fileno()))])
         closed.wait(1)
     assert server.recv(100) == b""
+    assert closed.refused_writer == [6]
     # The pair's two fds are gone, the file we passed was closed above, and no copy of it was installed.
     assert fd_count() == before - 2
 
 
 @pytest.mark.parametrize("sender", [0, -1, 2**31])
-def test_sender_must_be_a_pid(factory: Callable[[Callable[[int], None]], _pump.Pump], closed: Closed,
+def test_sender_must_be_a_pid(factory: Callable[[_pump.OnClose], _pump.Pump], closed: Closed,
                               sender: int) -> None:
     pump = factory(closed)
     a, b = socket.socketpair()
