@@ -181,3 +181,26 @@ def test_proc_fallback_without_pidfd_info(monkeypatch: pytest.MonkeyPatch) -> No
     assert (caller.uid, caller.gid) == (os.geteuid(), os.getegid())
     with pytest.raises(AttestationError, match="attested"):
         attest.attest(me(uid=os.geteuid() + 1))
+
+
+def test_a_process_running_another_executable_than_at_connect_is_refused() -> None:
+    """An exec after connecting: the identity recorded at accept no longer describes the process."""
+    cred = me()
+    assert cred.exe_id is not None
+    other = attest.PeerCred(cred.pid, cred.uid, cred.gid, cred.process, (cred.exe_id[0], cred.exe_id[1] + 1))
+    with pytest.raises(AttestationError, match="another executable"):
+        attest.attest(other)
+
+
+def test_exe_selector_needs_the_file_the_path_names_here() -> None:
+    """A bind mount in the caller's own mount namespace makes /proc/<pid>/exe show the approved path for
+    another file: the path alone must not match."""
+    caller = attest.attest(me())
+    assert caller.exe is not None and caller.exe_id is not None
+    rule = CallerRule(exe=caller.exe)
+    assert attest.matches(rule, caller)
+    elsewhere = attest.Caller(caller.pid, caller.process, caller.uid, caller.gid, caller.exe,
+                              (caller.exe_id[0], caller.exe_id[1] + 1))
+    assert not attest.matches(rule, elsewhere)
+    unknown = attest.Caller(caller.pid, caller.process, caller.uid, caller.gid, caller.exe, None)
+    assert not attest.matches(rule, unknown)
