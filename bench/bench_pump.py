@@ -159,10 +159,11 @@ class Host:
         pump: _pump.Pump | None = None
         front: socket.socket | None = None
         if backend != "direct":
-            pump = NativePump(lambda _: None) if backend == "native" else _pump.PurePump(lambda _: None)
+            pump = NativePump(lambda *_: None) if backend == "native" else _pump.PurePump(lambda *_: None)
             pump.start()
             path = str(self.tmp / f"front-{backend}-{kind}.sock")
             front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            front.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # as the front door's listener
             front.bind(path)
             front.listen(8)
             target = path
@@ -174,7 +175,8 @@ class Host:
             accepted, _ = front.accept()
             upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             upstream.connect(self.upstream[kind])
-            pump.add(1, accepted.detach(), upstream.detach())
+            assert proc.pid is not None  # started above
+            pump.add(1, accepted.detach(), upstream.detach(), proc.pid)
         result = ours.recv()
         cpu = _cpu() - cpu0
         proc.join()

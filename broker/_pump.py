@@ -11,8 +11,18 @@ forces the pure one.
 
 Semantics shared by both twins (the tests run against each):
 
-* ``add(pair_id, a, b)`` takes ownership of two connected stream sockets; if it raises, the fds are
-  still the caller's. After ``stop()`` it raises :class:`~broker.errors.BrokerError`.
+* ``add(pair_id, a, b, sender)`` takes ownership of two connected stream sockets; if it raises, the fds
+  are still the caller's. After ``stop()`` it raises :class:`~broker.errors.BrokerError`.
+* Every byte relayed from the agent (``a``) must have been written by process ``sender`` (the pid the
+  front door pinned at accept). The pump sets ``SO_PASSCRED`` on ``a`` and reads it with ``recvmsg``,
+  so the kernel attaches the writer's process id (its thread group id: every thread of one process
+  counts as that process) to each read. A read whose writer is any other process (a forked child, or
+  anyone the fd was passed to), or that carries no credentials, or that carries anything more (passed
+  file descriptors) closes the pair before a byte of it is relayed. This holds per read because the
+  kernel never merges data from different writers into one read on a Unix stream socket when the
+  reader asked for credentials: ``unix_stream_read_generic()`` (net/unix/af_unix.c) takes the first
+  queued skb's credentials and stops at the first skb whose pid, uid or gid differs
+  ("Never glue messages from different writers"). tests/test_pump.py checks that on the running kernel.
 * Each direction has a 64 KiB buffer. A side is read only while its buffer has room, so a slow reader
   stalls the writer in the kernel instead of growing the pump's memory.
 * EOF from one side is forwarded, once its buffer is flushed, as ``shutdown(SHUT_WR)`` on the other.
@@ -20,9 +30,10 @@ Semantics shared by both twins (the tests run against each):
   gRPC connection, so once its EOF has reached the agent the pair is closed, whether or not the agent
   ever closes: a silent client cannot keep a connection (and its slot) after the server let it go.
   Any socket error (ECONNRESET, EPIPE, ...) closes both fds at once, dropping buffered bytes.
-* ``on_close(pair_id)`` runs exactly once per pair, on the pump thread (or, if the pump was never
-  started, on the thread calling ``stop()``). Whatever it raises is swallowed silently: a faulty
-  callback must not stop the relaying of every other connection.
+* ``on_close(pair_id, refused_writer)`` runs exactly once per pair, on the pump thread (or, if the pump
+  was never started, on the thread calling ``stop()``); ``refused_writer`` is True when the pair was
+  closed because another process than ``sender`` wrote on it (or passed descriptors). Whatever it
+  raises is swallowed silently: a faulty callback must not stop the relaying of every other connection.
 * ``stop()`` closes every pair, reports each, joins the thread; it is idempotent. Called from inside
   ``on_close`` it only requests the stop, since a thread cannot join itself.
 """
@@ -30,19 +41,28 @@ Semantics shared by both twins (the tests run against each):
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import selectors
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from typing import Final, Protocol
 
 from broker.errors import BrokerError
 
-__all__ = ["BACKEND", "BUF_SIZE", "Pump", "PurePump", "make_pump"]
+__all__ = ["BACKEND", "BUF_SIZE", "OnClose", "Pump", "PurePump", "make_pump"]
 
 #: Bytes buffered per direction of a pair; also the most the pump ever holds for one direction.
 BUF_SIZE: Final = 65536
+_UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# Room for exactly one SCM_CREDENTIALS message: passed descriptors that would follow it cannot fit, so the
+# kernel never installs them in our process (it sets MSG_CTRUNC and drops them), and we close the pair.
+_CRED_SPACE: Final = socket.CMSG_SPACE(_UCRED.size)
+
+#: ``on_close(pair_id, refused_writer)``: see the module docstring.
+OnClose = Callable[[int, bool], None]
 
 
 class Pump(Protocol):
@@ -50,7 +70,7 @@ class Pump(Protocol):
 
     def start(self) -> None: ...
 
-    def add(self, pair_id: int, a: int, b: int) -> None: ...
+    def add(self, pair_id: int, a: int, b: int, sender: int) -> None: ...
 
     def stop(self) -> None: ...
 
@@ -71,15 +91,21 @@ class _Half:
         self.done = False  # EOF seen, every buffered byte written, destination shut down for writing
 
 
-class _Pair:
-    __slots__ = ("closed", "events", "halves", "pair_id", "socks")
+class _RefusedWriter(OSError):
+    """A read from the agent that its sender did not write (alone): the pair ends like on a socket error."""
 
-    def __init__(self, pair_id: int, socks: tuple[socket.socket, socket.socket]) -> None:
+
+class _Pair:
+    __slots__ = ("closed", "events", "halves", "pair_id", "refused_writer", "sender", "socks")
+
+    def __init__(self, pair_id: int, socks: tuple[socket.socket, socket.socket], sender: int) -> None:
         self.pair_id = pair_id
+        self.sender = sender  # the only process whose bytes on socks[0] are relayed
         self.socks = socks
         self.halves = (_Half(), _Half())
         self.events = [0, 0]  # interest registered in the selector for socks[i]; 0 means not registered
         self.closed = False
+        self.refused_writer = False
 
 
 def _flush(pair: _Pair, d: int) -> None:
@@ -108,13 +134,32 @@ def _fill(pair: _Pair, d: int) -> None:
     """
     h = pair.halves[d]
     try:
-        n = pair.socks[d].recv_into(h.buf[h.end :])
+        if d == 0:
+            n = _recv_attested(pair.socks[0], h.buf[h.end :], pair.sender)
+        else:
+            n = pair.socks[1].recv_into(h.buf[h.end :])
     except BlockingIOError:
         return
     if n == 0:
         h.eof = True
     h.end += n
     _flush(pair, d)
+
+
+def _recv_attested(sock: socket.socket, into: memoryview, sender: int) -> int:
+    """One read from the agent; raises _RefusedWriter unless process ``sender`` wrote all of it."""
+    n, ancillary, flags, _ = sock.recvmsg_into([into], _CRED_SPACE, socket.MSG_CMSG_CLOEXEC)
+    if n == 0:
+        return 0  # EOF carries no credentials and no bytes: nothing to attribute
+    # Fail closed: exactly one credentials message, nothing truncated (passed fds), and the pinned pid.
+    if flags & socket.MSG_CTRUNC or len(ancillary) != 1:
+        raise _RefusedWriter(errno.EPERM, "unexpected ancillary data from the agent")
+    level, kind, data = ancillary[0]
+    if (level, kind, len(data)) != (socket.SOL_SOCKET, socket.SCM_CREDENTIALS, _UCRED.size):
+        raise _RefusedWriter(errno.EPERM, "unexpected ancillary data from the agent")
+    if _UCRED.unpack(data)[0] != sender:
+        raise _RefusedWriter(errno.EPERM, "bytes written by another process than the one that connected")
+    return n
 
 
 def _wanted(pair: _Pair, side: int) -> int:
@@ -134,7 +179,7 @@ class PurePump:
     """The pure-Python twin of ``broker._pump_native.NativePump``."""
 
     def __init__(
-        self, on_close: Callable[[int], None], selector: selectors.BaseSelector | None = None
+        self, on_close: OnClose, selector: selectors.BaseSelector | None = None
     ) -> None:
         """``selector`` (default: a new ``EpollSelector``) becomes the pump's own; it is closed by
         ``stop()``. Injectable so that tests can make the kernel's refusals happen on cue."""
@@ -167,13 +212,16 @@ class PurePump:
         self._thread = threading.Thread(target=self._run, name="broker-pump", daemon=True)
         self._thread.start()
 
-    def add(self, pair_id: int, a: int, b: int) -> None:
-        """Take ownership of the connected sockets a and b and relay between them.
+    def add(self, pair_id: int, a: int, b: int, sender: int) -> None:
+        """Take ownership of the connected sockets a and b and relay between them; only bytes that
+        process ``sender`` wrote to a are relayed (see the module docstring).
 
         On any exception the fds stay the caller's to close. Raises BrokerError after stop().
         """
         if a < 0 or b < 0 or a == b:
             raise ValueError("a and b must be two distinct open file descriptors")
+        if not 0 < sender < 2**31:
+            raise ValueError("sender must be a process id")
         if not -(2**63) <= pair_id < 2**63:
             # The native twin stores the id as a C long long; keep the contracts identical.
             raise OverflowError("pair_id does not fit in 64 bits")
@@ -185,13 +233,15 @@ class PurePump:
                 socks.append(socket.socket(fileno=fd))
                 if socks[-1].type != socket.SOCK_STREAM:
                     raise ValueError("the pump relays stream sockets only")
-            pair = _Pair(pair_id, (socks[0], socks[1]))
+            pair = _Pair(pair_id, (socks[0], socks[1]), sender)
             with self._lock:
                 if self._stopping:
                     raise BrokerError("pump is stopped")
                 # The fds are changed only once the pair is sure to be accepted (under the lock, so a
                 # concurrent stop() cannot intervene). Non-blocking: the loop must never sleep in
-                # recv/send. Not inheritable: no child may receive an agent's connection.
+                # recv/send. Not inheritable: no child may receive an agent's connection. SO_PASSCRED:
+                # the kernel names the writer of every read from the agent.
+                socks[0].setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
                 for s in socks:
                     s.setblocking(False)
                     s.set_inheritable(False)
@@ -289,6 +339,8 @@ class PurePump:
             if not pair.halves[1].done:  # the daemon's EOF, delivered to the agent, ends the pair
                 self._rearm(pair)
                 return
+        except _RefusedWriter:
+            pair.refused_writer = True
         except OSError:
             pass  # any socket error ends the pair, below
         self._close(pair)
@@ -335,7 +387,7 @@ class PurePump:
         for pair in closed:
             # Documented: the callback's failures are its own; the loop keeps relaying.
             with contextlib.suppress(BaseException):
-                self._on_close(pair.pair_id)
+                self._on_close(pair.pair_id, pair.refused_writer)
 
     def _close_fds(self) -> None:
         # After the loop has ended (caller holds the lock): nothing refers to the selector any more.
@@ -345,7 +397,7 @@ class PurePump:
             os.close(self._wakeup)
 
 
-def _load() -> tuple[Callable[[Callable[[int], None]], Pump], str]:
+def _load() -> tuple[Callable[[OnClose], Pump], str]:
     if os.environ.get("BROKER_PUREPYTHON") == "1":
         return PurePump, "pure"
     try:
@@ -359,6 +411,6 @@ def _load() -> tuple[Callable[[Callable[[int], None]], Pump], str]:
 _FACTORY, BACKEND = _load()
 
 
-def make_pump(on_close: Callable[[int], None]) -> Pump:
+def make_pump(on_close: OnClose) -> Pump:
     """A new, not yet started pump of the loaded backend (see ``BACKEND``)."""
     return _FACTORY(on_close)

@@ -7,16 +7,30 @@ process that reuses the pid. Every request then re-reads /proc for that pid betw
 of the pidfd, so
 
 * a pid that died and was reused by another process never inherits the first one's rights, and
-* a process that changed its credentials or exec'd another binary after connecting is judged by what
-  it is now, not by what it was when it connected.
+* a process that changed its credentials or its executable after connecting is refused: the executable's
+  (device, inode) recorded at accept must still be the one running at each request.
+
+The pinned pid is also the only process whose bytes are relayed on the connection (``broker._pump``
+checks the writer of every read with ``SO_PASSCRED``): a forked child holding the connection cannot
+speak for a parent that has since exec'd an approved binary.
+
+An ``exe`` selector compares the path *and* the (device, inode) of the running executable with the
+configured path as the daemon sees it: inside its own mount namespace a process can bind-mount any binary
+over the approved path, and ``/proc/<pid>/exe`` then shows the approved path.
+
+Hashing for ``exe_sha256`` reads whole binaries, so it is done only for a caller whose cheaper selectors
+already match a block that pins a hash, one at a time per uid and at most :data:`MAX_HASHING` at once
+(:class:`ExeHashing`); a caller never waits for another uid's hash.
 
 Nothing a caller says about itself is ever used.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
+import functools
 import grp
 import hashlib
 import os
@@ -26,6 +40,7 @@ import socket
 import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -36,6 +51,9 @@ PROC: Final = "/proc"
 # Binaries larger than this are not hashed: a caller must not make the daemon read gigabytes per call.
 MAX_EXE_HASH_BYTES: Final = 512 * 1024 * 1024
 _HASH_CACHE_SIZE: Final = 256
+# Executables hashed at once across all callers: each may read MAX_EXE_HASH_BYTES, and the daemon must
+# keep cores for everything else. One per uid on top of that (see ExeHashing).
+MAX_HASHING: Final = 2
 _UNIT_SUFFIXES: Final = (".service", ".scope")
 _UCRED: Final = struct.Struct("3i")
 SO_PEERPIDFD: Final = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5+; Python 3.11 lacks the name
@@ -103,6 +121,26 @@ class PeerCred:
     uid: int
     gid: int
     process: ProcessHandle = field(compare=False, repr=False)
+    # (device, inode) of the executable at accept; None where /proc/<pid>/exe is not readable to us.
+    exe_id: tuple[int, int] | None = None
+
+
+def exe_identity(pid: int) -> tuple[int, int] | None:
+    """(device, inode) of the file the process is running: the kernel's, whatever path it shows."""
+    try:
+        st = os.stat(f"{PROC}/{pid}/exe")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def path_id(path: str) -> tuple[int, int] | None:
+    """(device, inode) of ``path`` as the daemon's own mount namespace resolves it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _pidfd(sock: socket.socket, pid: int) -> ProcessHandle:
@@ -124,13 +162,23 @@ def _pidfd(sock: socket.socket, pid: int) -> ProcessHandle:
     return handle
 
 
+def peer_uid(sock: socket.socket) -> int:
+    """The uid ``SO_PEERCRED`` reports for an accepted Unix socket: one getsockopt, nothing pinned."""
+    return int(_UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[1])
+
+
 def peer_cred(sock: socket.socket) -> PeerCred:
     """Read ``SO_PEERCRED`` of an accepted Unix socket and pin the peer process with a pidfd."""
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     if pid <= 0:
         # pid 0 means the peer lives in a pid namespace we cannot see: nothing to attest.
         raise AttestationError("peer pid not visible from this pid namespace")
-    return PeerCred(pid, uid, gid, _pidfd(sock, pid))
+    handle = _pidfd(sock, pid)
+    exe_id = exe_identity(pid)
+    # Read after pinning and checked alive after reading: the identity is the pinned process's own.
+    if not handle.alive():
+        raise AttestationError(f"pid {pid} exited while connecting")
+    return PeerCred(pid, uid, gid, handle, exe_id)
 
 
 def start_time(pid: int) -> int:
@@ -156,6 +204,7 @@ class Caller:
     uid: int
     gid: int
     exe: str | None
+    exe_id: tuple[int, int] | None = None
     # Computed on first use (only rules and audit lines that need them pay for the reads).
     _lazy: dict[str, str | None] = field(default_factory=dict, compare=False, repr=False)
     _groups: list[frozenset[int]] = field(default_factory=list, compare=False, repr=False)
@@ -199,6 +248,9 @@ class Caller:
         fields: dict[str, object] = {"pid": self.pid, "uid": self.uid, "gid": self.gid, "exe": self.exe}
         if "unit" in self._lazy:
             fields["unit"] = self._lazy["unit"]
+        if self._lazy.get("hash_skipped"):
+            # Why an exe_sha256 block could not match: every hashing slot was another uid's.
+            fields["exe_sha256"] = self._lazy["hash_skipped"]
         return fields
 
 
@@ -305,6 +357,7 @@ def attest(cred: PeerCred) -> Caller:
             exe: str | None = os.readlink(f"{PROC}/{pid}/exe")
         except OSError:
             exe = None  # kernel threads and some zombies have no exe
+        exe_id = exe_identity(pid)
     except (OSError, ValueError, IndexError):
         raise AttestationError(f"pid {pid}: /proc unreadable") from None
     # Check the pinned process is still alive *after* reading: if it had exited, the pid could now
@@ -313,14 +366,18 @@ def attest(cred: PeerCred) -> Caller:
         raise AttestationError(f"pid {pid} exited while being attested")
     if (uid, gid) != (cred.uid, cred.gid):
         raise AttestationError(f"pid {pid} changed credentials since it connected")
-    return Caller(pid, cred.process, uid, gid, exe)
+    # An exec after connecting: the connection (and bytes written before the exec) belong to what the
+    # process was, not to the binary it runs now.
+    if exe_id != cred.exe_id:
+        raise AttestationError(f"pid {pid} runs another executable than when it connected")
+    return Caller(pid, cred.process, uid, gid, exe, exe_id)
 
 
 def exe_sha256(caller: Caller) -> str | None:
     """The caller's executable hash, computed at most once per request and once per binary.
 
-    A cache miss reads the whole binary (up to MAX_EXE_HASH_BYTES): call it off the event loop
-    unless :func:`exe_sha256_known` said it will not read.
+    A cache miss reads the whole binary (up to MAX_EXE_HASH_BYTES): never call it on the event loop;
+    :class:`ExeHashing` calls it on a worker thread, within its bounds.
     """
     if "sha256" not in caller._lazy:
         digest = _hashes.sha256(caller.pid)  # computes on a miss, so never False here
@@ -340,18 +397,81 @@ def exe_sha256_known(caller: Caller) -> bool:
     return True
 
 
-def matches(rule: CallerRule, caller: Caller) -> bool:
-    """True when every selector set in ``rule`` matches ``caller``. Cheap checks go first."""
+def cheap_matches(rule: CallerRule, caller: Caller) -> bool:
+    """Every selector of ``rule`` but ``exe_sha256`` matches: the checks that read no binary."""
     if rule.uid is not None and rule.uid != caller.uid:
         return False
     if rule.gid is not None and rule.gid != caller.gid:
         return False
-    if rule.exe is not None and rule.exe != caller.exe:
-        return False
+    if rule.exe is not None:
+        if rule.exe != caller.exe:
+            return False
+        # The path a process shows can be a bind mount in its own mount namespace: the file it runs must
+        # be the one the configured path names here. Defeats a user+mount namespace's bind mount.
+        if caller.exe_id is None or path_id(rule.exe) != caller.exe_id:
+            return False
     if rule.systemd_unit is not None and rule.systemd_unit != caller.systemd_unit:
         return False
     if rule.user is not None and rule.user != caller.user:
         return False
-    if rule.group is not None and rule.group not in caller.group_names():
+    return rule.group is None or rule.group in caller.group_names()
+
+
+def matches(rule: CallerRule, caller: Caller) -> bool:
+    """True when every selector set in ``rule`` matches ``caller``. Cheap checks go first.
+
+    ``exe_sha256`` is compared with the digest :class:`ExeHashing` obtained for this request; with none
+    (not needed, or no slot free) the rule does not match. Nothing here reads a binary.
+    """
+    if not cheap_matches(rule, caller):
         return False
-    return rule.exe_sha256 is None or rule.exe_sha256 == exe_sha256(caller)
+    return rule.exe_sha256 is None or rule.exe_sha256 == caller._lazy.get("sha256")
+
+
+def needs_exe_hash(rules: Iterable[CallerRule], caller: Caller) -> bool:
+    """True when some block pins a hash and every other selector of that block matches the caller."""
+    return any(rule.exe_sha256 is not None and cheap_matches(rule, caller) for rule in rules)
+
+
+class ExeHashing:
+    """Obtains callers' executable hashes within bounds: one hash in flight per uid, ``limit`` in all.
+
+    A request whose uid already has a hash in flight waits for that one (most likely the same binary,
+    then answered from the cache). A request that finds every slot taken by other uids does not wait:
+    it goes on without a digest, so its ``exe_sha256`` blocks do not match, and the audit line says so.
+    Hashing runs on a worker thread; the waiting is on the event loop, so it holds no thread.
+    """
+
+    def __init__(self, limit: int = MAX_HASHING, hash_fn: Callable[[Caller], str | None] = exe_sha256,
+                 known: Callable[[Caller], bool] = exe_sha256_known) -> None:
+        self._limit = limit
+        self._hash = hash_fn
+        self._known = known
+        self._running: dict[int, asyncio.Future[str | None]] = {}  # uid -> its hash in flight
+
+    async def ensure(self, caller: Caller, rules: Iterable[CallerRule]) -> None:
+        """Memoise the caller's digest when a block needs it and a slot is free (see the class)."""
+        if not needs_exe_hash(rules, caller):
+            return  # nobody reads a binary for a caller no hash-pinned block could admit anyway
+        while not self._known(caller):
+            running = self._running.get(caller.uid)
+            if running is not None:
+                await asyncio.shield(running)  # the same uid's own hash; never another uid's
+                continue
+            if len(self._running) >= self._limit:
+                caller._lazy["hash_skipped"] = "not computed: every hashing slot is busy"
+                return
+            running = asyncio.ensure_future(asyncio.to_thread(self._hash, caller))
+            self._running[caller.uid] = running
+            # The slot stays taken until the thread has finished reading, even when the request that
+            # started it is cancelled: abandoning requests must not start hash after hash.
+            running.add_done_callback(functools.partial(self._release, caller.uid))
+            await asyncio.shield(running)
+            return
+
+    def _release(self, uid: int, done: asyncio.Future[str | None]) -> None:
+        if self._running.get(uid) is done:
+            del self._running[uid]
+
+
+exe_hashing = ExeHashing()

@@ -9,6 +9,16 @@ maps back to the credentials recorded at accept.
 Accepting happens on a dedicated thread (blocking ``accept(2)`` releases the GIL); moving bytes happens in
 the pump (``broker._pump``: native, GIL-free, or its pure twin), so the relay never competes with request
 handlers on the event loop.
+
+The listener carries ``SO_PASSCRED`` from before ``listen(2)`` (``bind_public``; ``PassCredentials=yes`` in
+broker.socket), and each connection inherits it when it is made, so the kernel names the writer of every
+byte an agent sends, from its first byte on; the pump relays only bytes written by the process that
+connected (see ``broker._pump``). A connection queued before the listener had it would not inherit it:
+its bytes written between accept and the pump taking it carry no writer, and it is closed (fail closed).
+
+Each uid may open connections at :data:`ACCEPT_RATE` per second with bursts of :data:`ACCEPT_BURST`
+(a token bucket per uid, on an injected clock). A uid over its rate has each new connection closed at
+once, before any further work: churning connect/close from one uid cannot crowd out the others.
 """
 
 from __future__ import annotations
@@ -22,10 +32,12 @@ import select
 import socket
 import stat
 import threading
+import time
+from collections.abc import Callable
 from typing import Final
 
 from broker import _pump
-from broker.attest import PeerCred, peer_cred
+from broker.attest import PeerCred, peer_cred, peer_uid
 from broker.errors import AttestationError, BrokerError
 
 log = logging.getLogger(__name__)
@@ -33,6 +45,41 @@ log = logging.getLogger(__name__)
 _ABSTRACT_PREFIX: Final = "broker-"
 _PEER_PREFIX: Final = "unix-abstract:"
 BACKLOG: Final = 1024
+#: Sustained new connections per second per uid, and the burst a uid may open at once. A client keeps
+#: one connection for many calls; these leave room for many short-lived clients (CLI calls, tool runs)
+#: while keeping one uid's churn to a small share of the accept thread.
+ACCEPT_RATE: Final = 20.0
+ACCEPT_BURST: Final = 64
+# Buckets of uids idle this long are full again and are forgotten, so the map stays small.
+_BUCKET_IDLE: Final = ACCEPT_BURST / ACCEPT_RATE
+
+
+class AcceptRate:
+    """Token buckets per uid: ``rate`` connections per second, up to ``burst`` at once.
+
+    Not thread-safe: only the accept thread uses it. Time comes from ``clock`` (seconds, monotonic).
+    """
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._clock = clock
+        self._buckets: dict[int, tuple[float, float]] = {}  # uid -> (tokens, time of last update)
+        self._swept = clock()
+
+    def admit(self, uid: int) -> bool:
+        """Take one token from ``uid``'s bucket; False when it is empty."""
+        now = self._clock()
+        tokens, then = self._buckets.get(uid, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - then) * self._rate)
+        admitted = tokens >= 1.0
+        self._buckets[uid] = (tokens - 1.0 if admitted else tokens, now)
+        if now - self._swept > _BUCKET_IDLE:
+            self._swept = now
+            # A bucket untouched for longer than it takes to refill is full: same as no entry.
+            horizon = now - self._burst / self._rate
+            self._buckets = {u: b for u, b in self._buckets.items() if b[1] > horizon}
+        return admitted
 
 
 def _in_use(path: str) -> bool:
@@ -59,6 +106,8 @@ def bind_public(path: str) -> socket.socket:
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
+        # Before listen(2): connections inherit it when made, so none can be queued without it.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         sock.bind(path)
         os.chmod(path, 0o666)  # noqa: S103 - public by design: identity comes from SO_PEERCRED
         sock.listen(BACKLOG)
@@ -88,8 +137,14 @@ class FrontDoor:
     """Accepts on ``listener`` and relays each connection to the gRPC server at ``internal_path``."""
 
     def __init__(self, listener: socket.socket, internal_path: str, max_connections: int,
-                 max_per_uid: int | None = None) -> None:
+                 max_per_uid: int | None = None, *, accept_rate: float = ACCEPT_RATE,
+                 accept_burst: int = ACCEPT_BURST, clock: Callable[[], float] = time.monotonic) -> None:
         self._listener = listener
+        # Normally set already (bind_public, broker.socket); for any other listener, from here on. Each
+        # connection inherits it when made, so the bytes an agent writes before the pump takes its socket
+        # still carry their writer (set on the accepted socket only, they would carry none).
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self._rate = AcceptRate(accept_rate, accept_burst, clock)
         # Non-blocking, so a connection that vanished between poll and accept cannot stall the thread.
         listener.setblocking(False)
         # stop_accepting() wakes the poll through this pipe. Never shutdown(2) the listener: when
@@ -112,6 +167,7 @@ class FrontDoor:
         self._pump_failed = False
         self.accepted = 0
         self.refused = 0
+        self.throttled = 0
 
     @property
     def backend(self) -> str:
@@ -152,11 +208,17 @@ class FrontDoor:
         self.stop_accepting()
         self._pump.stop()
 
-    def _closed(self, pair_id: int) -> None:
+    def _closed(self, pair_id: int, refused_writer: bool = False) -> None:
         name = self._names.pop(pair_id, None)
         if name is not None:
             cred = self._peers.pop(name, None)
             if cred is not None:
+                if refused_writer:
+                    # Someone else spoke on this process's connection (a forked child, or a process the
+                    # descriptor was passed to): a borrowing attempt, or a client that shares a
+                    # connection across fork. Rate-limited by the accept rate of that uid.
+                    log.warning("front door: closed a connection of pid %d (uid %d): another process "
+                                "wrote on it", cred.pid, cred.uid)
                 self._release(cred.uid)
 
     def _release(self, uid: int) -> None:
@@ -197,6 +259,20 @@ class FrontDoor:
         poller.register(self._listener.fileno(), select.POLLIN)
 
     def _admit(self, conn: socket.socket) -> None:
+        try:
+            uid = peer_uid(conn)
+        except OSError:
+            conn.close()
+            return
+        # Before anything costlier (the pidfd, /proc, the upstream connection): a churning uid costs
+        # the accept thread one getsockopt and one close per connection.
+        if not self._rate.admit(uid):
+            # Counted among the refused (exported as a metric) and on its own; not logged, since a log
+            # line per connection would hand the churner a way to flood the log instead.
+            self.refused += 1
+            self.throttled += 1
+            conn.close()
+            return
         if len(self._names) >= self._max:
             self.refused += 1
             log.warning("front door: connection limit %d reached, refusing a connection", self._max)
@@ -238,7 +314,8 @@ class FrontDoor:
         self.accepted += 1
         a, b = conn.detach(), up.detach()
         try:
-            self._pump.add(pair_id, a, b)
+            # Only bytes the connecting process itself writes are relayed: defeats fork-and-exec borrowing.
+            self._pump.add(pair_id, a, b, cred.pid)
         except (BrokerError, OSError, ValueError) as exc:
             # The pump refused the pair: the fds are still ours to close.
             self._closed(pair_id)

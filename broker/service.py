@@ -25,7 +25,7 @@ from google.protobuf import struct_pb2
 from broker import tokens
 from broker._spiffe import workload_pb2 as wl
 from broker._spiffe import workload_pb2_grpc as wl_grpc
-from broker.attest import Caller, PeerCred, attest, exe_sha256, exe_sha256_known
+from broker.attest import Caller, PeerCred, attest, exe_hashing
 from broker.config import Config
 from broker.errors import REQUEST_ID_HEADER, AttestationError, InvalidToken, PermissionDenied
 from broker.keyring import KeyRing
@@ -167,10 +167,11 @@ class Runtime:
             # Only connections relayed by the front door carry a recorded identity.
             raise AttestationError(f"no kernel identity for peer {context.peer()!r}")
         caller = attest(cred)
-        if self.config.hashes_exe and not exe_sha256_known(caller):
-            # Hashing a binary the first time (or after it changed) reads all of it: seconds for a
-            # large one. Done on a worker thread, so no other caller waits for it.
-            await asyncio.to_thread(exe_sha256, caller)
+        if self.config.hashes_exe:
+            # Hashing a binary the first time (or after it changed) reads all of it: seconds for a large
+            # one. Only when a hash-pinned block could admit this caller, on a worker thread, bounded
+            # per uid and in total, so no caller waits for another uid's hash.
+            await exe_hashing.ensure(caller, (r for wf in self.config.workflows.values() for r in wf.callers))
         return caller
 
     async def caller_fields(self, context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, object]:

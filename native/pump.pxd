@@ -49,11 +49,46 @@ cdef extern from "<sys/socket.h>" nogil:
     enum:
         SHUT_WR
         MSG_NOSIGNAL
+        MSG_CTRUNC
+        MSG_CMSG_CLOEXEC
         SOL_SOCKET
         SO_TYPE
+        SO_PASSCRED
+        SCM_CREDENTIALS
         SOCK_STREAM
 
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+
+    # Declared by <sys/socket.h> under _GNU_SOURCE, which Python.h (included first) defines.
+    struct ucred:
+        int pid
+        unsigned int uid
+        unsigned int gid
+
+    cmsghdr *CMSG_FIRSTHDR(msghdr *msg)
+    unsigned char *CMSG_DATA(cmsghdr *cmsg)
+    size_t CMSG_SPACE(size_t length)
+    size_t CMSG_LEN(size_t length)
+
     int getsockopt(int fd, int level, int optname, void *optval, socklen_t *optlen)
+    int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
+    ssize_t recvmsg(int fd, msghdr *msg, int flags)
 
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
@@ -82,9 +117,11 @@ ctypedef struct half_t:
 ctypedef struct pair_t:
     long long pair_id
     int fd[2]
+    int sender  # the only process whose bytes on fd[0] are relayed (see _fill_attested)
     uint32_t events[2]  # interest currently registered in epoll for fd[i]; 0 means not registered
     half_t half[2]
     bint closed
+    bint refused_writer  # closed because another process than sender wrote on fd[0]
     # A pair sits on exactly one list at a time: pending (queued by add), open, or closed-not-yet-reported.
     pair_t *prev
     pair_t *next

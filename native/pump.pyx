@@ -11,7 +11,10 @@ machine, so their closing semantics are the same:
   shutdown(fd[1 - d], SHUT_WR). The agent (fd[0]) may half-close and still get its answers; once the
   daemon's EOF (fd[1]) has reached the agent the pair is closed, whether or not the agent ever closes.
 * Any error on either socket (ECONNRESET, EPIPE, ...) closes both fds at once; buffered bytes are dropped.
-* A closed pair is reported to on_close(pair_id) exactly once, on the pump thread, with the GIL held
+* Bytes from the agent (fd[0]) are read with recvmsg and SO_PASSCRED: a read that another process than
+  the pair's sender wrote, or that carries no credentials or anything besides them, closes the pair
+  before a byte of it is relayed (why a read never mixes writers: broker/_pump.py).
+* A closed pair is reported to on_close(pair_id, refused_writer) exactly once, on the pump thread, with the GIL held
   just for that call. Exceptions from on_close are swallowed without a word: the loop must survive a
   faulty callback, and the pump has no logger by design (native code does no I/O besides relaying).
 """
@@ -20,15 +23,17 @@ from cpython.exc cimport PyErr_SetFromErrno
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, memset
 from posix.fcntl cimport F_GETFD, F_GETFL, F_SETFD, F_SETFL, FD_CLOEXEC, O_NONBLOCK, fcntl
 from posix.unistd cimport close, read, write
 
 from pump cimport (
-    EFD_CLOEXEC, EFD_NONBLOCK, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLERR,
-    EPOLLHUP, EPOLLIN, EPOLLOUT, MSG_NOSIGNAL, SHUT_WR, SO_TYPE, SOCK_STREAM, SOL_SOCKET, epoll_create1,
-    epoll_ctl, epoll_event, epoll_wait, eventfd, getsockopt, half_t, pair_t, pthread_mutex_destroy,
-    pthread_mutex_init, pthread_mutex_lock, pthread_mutex_t, pthread_mutex_unlock, recv, send, shutdown,
-    socklen_t,
+    CMSG_DATA, CMSG_FIRSTHDR, CMSG_LEN, CMSG_SPACE, EFD_CLOEXEC, EFD_NONBLOCK, EPOLL_CLOEXEC, EPOLL_CTL_ADD,
+    EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, MSG_CMSG_CLOEXEC, MSG_CTRUNC,
+    MSG_NOSIGNAL, SCM_CREDENTIALS, SHUT_WR, SO_PASSCRED, SO_TYPE, SOCK_STREAM, SOL_SOCKET, cmsghdr,
+    epoll_create1, epoll_ctl, epoll_event, epoll_wait, eventfd, getsockopt, half_t, iovec, msghdr, pair_t,
+    pthread_mutex_destroy, pthread_mutex_init, pthread_mutex_lock, pthread_mutex_t, pthread_mutex_unlock,
+    recv, recvmsg, send, setsockopt, shutdown, socklen_t, ucred,
 )
 
 import threading
@@ -103,7 +108,14 @@ cdef inline int _fill(pair_t *p, int d) noexcept nogil:
     cdef half_t *h = &p.half[d]
     cdef ssize_t n
     while True:
-        n = recv(p.fd[d], h.buf + h.end, BUF_SIZE - h.end, 0)
+        if d == 0:
+            n = _recv_attested(p, h.buf + h.end, BUF_SIZE - h.end)
+            if n == -2:
+                # Another writer: closed like a broken socket, nothing of it relayed, and reported.
+                p.refused_writer = True
+                return -1
+        else:
+            n = recv(p.fd[1], h.buf + h.end, BUF_SIZE - h.end, 0)
         if n > 0:
             h.end += <size_t>n
             return _flush(p, d)
@@ -115,6 +127,42 @@ cdef inline int _fill(pair_t *p, int d) noexcept nogil:
         if errno == EAGAIN:
             return 0
         return -1
+
+
+cdef inline ssize_t _recv_attested(pair_t *p, char *into, size_t room) noexcept nogil:
+    """One read from the agent (fd[0]): its length, 0 at EOF, -1 with errno set on an error, or -2 when
+    the bytes were not all written by the pair's sender (or came with more than credentials)."""
+    cdef iovec iov
+    cdef msghdr msg
+    # 8-byte aligned, as cmsghdr needs; the kernel is offered exactly CMSG_SPACE(sizeof(ucred)) of it,
+    # room for the credentials alone, so passed descriptors never get installed in our process (the
+    # kernel drops them and sets MSG_CTRUNC).
+    cdef uint64_t control[8]
+    cdef cmsghdr *c
+    cdef ucred cred
+    cdef ssize_t n
+    iov.iov_base = into
+    iov.iov_len = room
+    memset(&msg, 0, sizeof(msg))
+    msg.msg_iov = &iov
+    msg.msg_iovlen = 1
+    msg.msg_control = control
+    msg.msg_controllen = CMSG_SPACE(sizeof(ucred))
+    n = recvmsg(p.fd[0], &msg, MSG_CMSG_CLOEXEC)
+    if n <= 0:
+        return n  # EOF carries no credentials and no bytes: nothing to attribute
+    # Fail closed: exactly one credentials message, nothing truncated, and the pinned pid.
+    if msg.msg_flags & MSG_CTRUNC:
+        return -2
+    c = CMSG_FIRSTHDR(&msg)
+    if c == NULL or c.cmsg_level != SOL_SOCKET or c.cmsg_type != SCM_CREDENTIALS:
+        return -2
+    if c.cmsg_len != CMSG_LEN(sizeof(ucred)):
+        return -2
+    memcpy(&cred, CMSG_DATA(c), sizeof(cred))
+    if cred.pid != p.sender:
+        return -2
+    return n
 
 
 cdef inline uint32_t _wanted(pair_t *p, int side) noexcept nogil:
@@ -211,17 +259,21 @@ cdef class NativePump:
         if rc != 0:
             raise OSError(rc, "broker pump loop failed")
 
-    def add(self, long long pair_id, int a, int b):
-        """Take ownership of the connected sockets a and b and relay between them.
+    def add(self, long long pair_id, int a, int b, long long sender):
+        """Take ownership of the connected sockets a and b and relay between them; only bytes that
+        process ``sender`` wrote to a are relayed.
 
         On any exception the fds stay the caller's to close. Raises BrokerError after stop().
         """
         cdef pair_t *p
         cdef bint stopped
         cdef int err = 0
+        cdef int on = 1
         cdef uint64_t one = 1
         if a < 0 or b < 0 or a == b:
             raise ValueError("a and b must be two distinct open file descriptors")
+        if not 0 < sender < 2**31:
+            raise ValueError("sender must be a process id")
         # Both checked before either is touched, so a rejected pair leaves the caller's fds as they were.
         _check_stream(a)
         _check_stream(b)
@@ -236,13 +288,18 @@ cdef class NativePump:
         p.pair_id = pair_id
         p.fd[0] = a
         p.fd[1] = b
+        p.sender = <int>sender
         with nogil:
             pthread_mutex_lock(&self._lock)
             stopped = self._stopping
             # The fds are changed only once the pair is sure to be accepted (under the lock, so a
             # concurrent stop() cannot intervene): a refused pair leaves them exactly as they were.
             if not stopped:
-                err = _set_nonblocking_cloexec(a)
+                # SO_PASSCRED: the kernel names the writer of every read from the agent.
+                if setsockopt(a, SOL_SOCKET, SO_PASSCRED, &on, sizeof(on)) < 0:
+                    err = errno
+                if err == 0:
+                    err = _set_nonblocking_cloexec(a)
                 if err == 0:
                     err = _set_nonblocking_cloexec(b)
             # Only the first pair queued since the loop last drained needs a wakeup; a burst of accepts
@@ -456,7 +513,7 @@ cdef class NativePump:
             p = closed
             while p != NULL:
                 try:
-                    self._on_close(p.pair_id)
+                    self._on_close(p.pair_id, p.refused_writer)
                 except BaseException:
                     # Documented: the callback's failures are its own; the loop keeps relaying.
                     pass

@@ -19,7 +19,7 @@ from broker.errors import AttestationError
 
 def me(uid: int | None = None) -> attest.PeerCred:
     return attest.PeerCred(os.getpid(), os.geteuid() if uid is None else uid, os.getegid(),
-                           attest.ProcessHandle(os.pidfd_open(os.getpid())))
+                           attest.ProcessHandle(os.pidfd_open(os.getpid())), attest.exe_identity(os.getpid()))
 
 
 def _connected_pair(tmp_path: object) -> tuple[socket.socket, socket.socket, socket.socket]:
@@ -94,6 +94,7 @@ def test_changed_credentials_are_detected() -> None:
 
 def test_selectors_match_this_process() -> None:
     caller = attest.attest(me())
+    attest.exe_sha256(caller)  # as ExeHashing does before the policy looks: matches() never reads a binary
     exe = os.path.realpath(sys.executable)
     with open(exe, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
@@ -132,7 +133,8 @@ def _hash_seen_running(exe: str) -> str | None:
     """The exe hash attestation reports for a process running ``exe``."""
     proc = subprocess.Popen([exe, "30"])
     try:
-        cred = attest.PeerCred(proc.pid, os.geteuid(), os.getegid(), attest.ProcessHandle(os.pidfd_open(proc.pid)))
+        cred = attest.PeerCred(proc.pid, os.geteuid(), os.getegid(), attest.ProcessHandle(os.pidfd_open(proc.pid)),
+                               attest.exe_identity(proc.pid))
         return attest.exe_sha256(attest.attest(cred))
     finally:
         proc.kill()
@@ -179,3 +181,27 @@ def test_proc_fallback_without_pidfd_info(monkeypatch: pytest.MonkeyPatch) -> No
     assert (caller.uid, caller.gid) == (os.geteuid(), os.getegid())
     with pytest.raises(AttestationError, match="attested"):
         attest.attest(me(uid=os.geteuid() + 1))
+
+
+def test_a_process_running_another_executable_than_at_connect_is_refused() -> None:
+    """An exec after connecting: the identity recorded at accept no longer describes the process."""
+    cred = me()
+    assert cred.exe_id is not None
+    other = attest.PeerCred(cred.pid, cred.uid, cred.gid, cred.process, (cred.exe_id[0], cred.exe_id[1] + 1))
+    with pytest.raises(AttestationError) as refused:
+        attest.attest(other)
+    assert "another executable" in refused.value.reason
+
+
+def test_exe_selector_needs_the_file_the_path_names_here() -> None:
+    """A bind mount in the caller's own mount namespace makes /proc/<pid>/exe show the approved path for
+    another file: the path alone must not match."""
+    caller = attest.attest(me())
+    assert caller.exe is not None and caller.exe_id is not None
+    rule = CallerRule(exe=caller.exe)
+    assert attest.matches(rule, caller)
+    elsewhere = attest.Caller(caller.pid, caller.process, caller.uid, caller.gid, caller.exe,
+                              (caller.exe_id[0], caller.exe_id[1] + 1))
+    assert not attest.matches(rule, elsewhere)
+    unknown = attest.Caller(caller.pid, caller.process, caller.uid, caller.gid, caller.exe, None)
+    assert not attest.matches(rule, unknown)

@@ -14,6 +14,7 @@ import os
 import select
 import selectors
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -35,18 +36,18 @@ except ImportError:
 HANG_GUARD = 30.0
 
 
-def _pure(on_close: Callable[[int], None]) -> _pump.Pump:
+def _pure(on_close: _pump.OnClose) -> _pump.Pump:
     return _pump.PurePump(on_close)
 
 
-def _native(on_close: Callable[[int], None]) -> _pump.Pump:
+def _native(on_close: _pump.OnClose) -> _pump.Pump:
     if NativePump is None:
         pytest.skip("broker._pump_native is not built (python setup.py build_ext --inplace)")
     return NativePump(on_close)
 
 
 @pytest.fixture(params=[_native, _pure], ids=["native", "pure"])
-def factory(request: pytest.FixtureRequest) -> Callable[[Callable[[int], None]], _pump.Pump]:
+def factory(request: pytest.FixtureRequest) -> Callable[[_pump.OnClose], _pump.Pump]:
     return request.param  # type: ignore[no-any-return]
 
 
@@ -55,12 +56,15 @@ class Closed:
 
     def __init__(self) -> None:
         self.ids: list[int] = []
+        self.refused_writer: list[int] = []
         self.threads: set[str] = set()
         self._cond = threading.Condition()
 
-    def __call__(self, pair_id: int) -> None:
+    def __call__(self, pair_id: int, refused_writer: bool) -> None:
         with self._cond:
             self.ids.append(pair_id)
+            if refused_writer:
+                self.refused_writer.append(pair_id)
             self.threads.add(threading.current_thread().name)
             self._cond.notify_all()
 
@@ -80,6 +84,9 @@ class Wire:
         self.front_path = str(tmp / "front.sock")
         self.daemon_path = str(tmp / "daemon.sock")
         self.front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # As the front door does: accepted sockets inherit SO_PASSCRED, so no byte an agent writes
+        # between accept and pump.add() arrives without its writer's credentials.
+        self.front.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.front.bind(self.front_path)
         self.front.listen(512)
         self.daemon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -95,7 +102,7 @@ class Wire:
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         upstream.connect(self.daemon_path)
         server, _ = self.daemon.accept()
-        pump.add(pair_id, accepted.detach(), upstream.detach())
+        pump.add(pair_id, accepted.detach(), upstream.detach(), os.getpid())
         for s in (agent, server):
             s.settimeout(HANG_GUARD)
             self.opened.append(s)
@@ -119,7 +126,7 @@ def closed() -> Closed:
 
 
 @pytest.fixture
-def pump(factory: Callable[[Callable[[int], None]], _pump.Pump], closed: Closed) -> Iterator[_pump.Pump]:
+def pump(factory: Callable[[_pump.OnClose], _pump.Pump], closed: Closed) -> Iterator[_pump.Pump]:
     p = factory(closed)
     p.start()
     yield p
@@ -170,6 +177,7 @@ def test_echo(pump: _pump.Pump, wire: Wire, closed: Closed) -> None:
     server.close()
     closed.wait(1)
     assert closed.ids == [7]
+    assert closed.refused_writer == []  # an ordinary end
     assert closed.threads == {"broker-pump"}
     assert pump.active == 0
 
@@ -327,7 +335,7 @@ def test_many_pairs(pump: _pump.Pump, wire: Wire, closed: Closed) -> None:
     assert sorted(closed.ids) == list(range(n))
 
 
-def test_no_fd_leak(factory: Callable[[Callable[[int], None]], _pump.Pump], wire: Wire) -> None:
+def test_no_fd_leak(factory: Callable[[_pump.OnClose], _pump.Pump], wire: Wire) -> None:
     closed = Closed()
     before = fd_count()
     pump = factory(closed)
@@ -355,7 +363,7 @@ def test_no_fd_leak(factory: Callable[[Callable[[int], None]], _pump.Pump], wire
 
 
 def test_stop_closes_open_pairs(
-    factory: Callable[[Callable[[int], None]], _pump.Pump], wire: Wire, closed: Closed
+    factory: Callable[[_pump.OnClose], _pump.Pump], wire: Wire, closed: Closed
 ) -> None:
     pump = factory(closed)
     pump.start()
@@ -371,12 +379,12 @@ def test_stop_closes_open_pairs(
 
 
 def test_stop_without_start_closes_queued(
-    factory: Callable[[Callable[[int], None]], _pump.Pump], closed: Closed
+    factory: Callable[[_pump.OnClose], _pump.Pump], closed: Closed
 ) -> None:
     before = fd_count()
     pump = factory(closed)
     mine, theirs = socket.socketpair()
-    pump.add(9, theirs.detach(), os.dup(mine.fileno()))
+    pump.add(9, theirs.detach(), os.dup(mine.fileno()), os.getpid())
     pump.stop()
     assert closed.ids == [9]
     assert closed.threads == {threading.current_thread().name}
@@ -387,14 +395,14 @@ def test_stop_without_start_closes_queued(
 
 
 def test_add_after_stop_raises_and_leaves_fds(
-    factory: Callable[[Callable[[int], None]], _pump.Pump], closed: Closed
+    factory: Callable[[_pump.OnClose], _pump.Pump], closed: Closed
 ) -> None:
     pump = factory(closed)
     pump.start()
     pump.stop()
     a, b = socket.socketpair()
     with pytest.raises(BrokerError):
-        pump.add(1, a.fileno(), b.fileno())
+        pump.add(1, a.fileno(), b.fileno(), os.getpid())
     # The fds are still the caller's, unchanged, and still work.
     assert a.getblocking()
     assert b.getblocking()
@@ -431,10 +439,10 @@ def test_backpressure_blocks_writer(pump: _pump.Pump, wire: Wire, closed: Closed
     closed.wait(1)
 
 
-def test_callback_errors_are_ignored(factory: Callable[[Callable[[int], None]], _pump.Pump], wire: Wire) -> None:
+def test_callback_errors_are_ignored(factory: Callable[[_pump.OnClose], _pump.Pump], wire: Wire) -> None:
     seen: list[int] = []
 
-    def on_close(pair_id: int) -> None:
+    def on_close(pair_id: int, refused_writer: bool) -> None:
         seen.append(pair_id)
         raise RuntimeError("faulty callback")
 
@@ -450,11 +458,11 @@ def test_callback_errors_are_ignored(factory: Callable[[Callable[[int], None]], 
     assert sorted(seen) == [1, 2]
 
 
-def test_stop_from_on_close(factory: Callable[[Callable[[int], None]], _pump.Pump], wire: Wire) -> None:
+def test_stop_from_on_close(factory: Callable[[_pump.OnClose], _pump.Pump], wire: Wire) -> None:
     holder: list[_pump.Pump] = []
     seen: list[int] = []
 
-    def on_close(pair_id: int) -> None:
+    def on_close(pair_id: int, refused_writer: bool) -> None:
         seen.append(pair_id)
         holder[0].stop()  # must not deadlock: the pump thread cannot join itself
 
@@ -470,17 +478,17 @@ def test_stop_from_on_close(factory: Callable[[Callable[[int], None]], _pump.Pum
 
 
 def test_non_stream_fds_are_refused_and_left_to_caller(
-    factory: Callable[[Callable[[int], None]], _pump.Pump], closed: Closed, tmp_path: Path
+    factory: Callable[[_pump.OnClose], _pump.Pump], closed: Closed, tmp_path: Path
 ) -> None:
     pump = factory(closed)
     pump.start()
     regular = os.open(tmp_path / "f", os.O_CREAT | os.O_RDWR)
     mine, theirs = socket.socketpair()
     with pytest.raises(OSError):
-        pump.add(4, theirs.fileno(), regular)
+        pump.add(4, theirs.fileno(), regular, os.getpid())
     d1, d2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     with pytest.raises(ValueError):
-        pump.add(5, theirs.fileno(), d1.fileno())
+        pump.add(5, theirs.fileno(), d1.fileno(), os.getpid())
     pump.stop()
     assert closed.ids == []
     # Still the caller's, unchanged: blocking and working.
@@ -493,12 +501,12 @@ def test_non_stream_fds_are_refused_and_left_to_caller(
     os.close(regular)
 
 
-def test_invalid_fds_rejected(factory: Callable[[Callable[[int], None]], _pump.Pump], closed: Closed) -> None:
+def test_invalid_fds_rejected(factory: Callable[[_pump.OnClose], _pump.Pump], closed: Closed) -> None:
     pump = factory(closed)
     with pytest.raises(ValueError):
-        pump.add(1, 3, 3)
+        pump.add(1, 3, 3, os.getpid())
     with pytest.raises(ValueError):
-        pump.add(1, -1, 3)
+        pump.add(1, -1, 3, os.getpid())
     pump.stop()
 
 
@@ -522,3 +530,151 @@ def test_backend_selection(env: dict[str, str], expected: str | None) -> None:
         [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == [expected, "NativePump" if expected == "native" else "PurePump"]
+
+
+# --- the sender of the agent's bytes ----------------------------------------------------------------
+
+_UCRED = struct.Struct("3i")
+
+
+def write_from_another_process(sock: socket.socket, data: bytes) -> int:
+    """Write ``data`` to ``sock`` from a child process that inherited it; returns the child's pid."""
+    child = subprocess.run(
+        [sys.executable, "-c", "import os, sys; print(os.getpid()); os.write(int(sys.argv[1]), sys.argv[2].encode())",
+         str(sock.fileno()), data.decode()],
+        pass_fds=(sock.fileno(),), capture_output=True, text=True, check=True, timeout=HANG_GUARD)
+    return int(child.stdout)
+
+
+def read_with_writers(sock: socket.socket) -> list[tuple[int, bytes]]:
+    """Every queued byte, read by recvmsg, as (writer pid, bytes) per read."""
+    reads = []
+    sock.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            data, anc, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(_UCRED.size))
+            assert [(lvl, kind) for lvl, kind, _ in anc] == [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS)]
+            reads.append((_UCRED.unpack(anc[0][2])[0], data))
+    return reads
+
+
+def test_kernel_never_merges_two_writers_into_one_read(tmp_path: Path) -> None:
+    """The property the pump's sender check rests on, checked on the running kernel.
+
+    With SO_PASSCRED on the reader, unix_stream_read_generic() (net/unix/af_unix.c) copies queued skbs
+    into one read only while their writer's pid, uid and gid stay the same ("Never glue messages from
+    different writers"). The writer's credentials are attached at write time when either end asked for
+    them or the receiving end is not accepted yet (unix_passcred_enabled), and a connection inherits
+    SO_PASSCRED from its listener when it is made, so bytes written before accept are attributed too.
+    """
+    path = str(tmp_path / "s.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        listener.bind(path)
+        listener.listen()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as agent:
+            agent.connect(path)
+            agent.sendall(b"mine-1")
+            first = write_from_another_process(agent, b"theirs-1")  # queued before accept
+            accepted, _ = listener.accept()
+            with accepted:
+                agent.sendall(b"mine-2")
+                second = write_from_another_process(agent, b"theirs-2")
+                agent.sendall(b"mine-3")
+                agent.sendall(b"mine-4")  # same writer twice in a row: one read may carry both
+                me = os.getpid()
+                assert read_with_writers(accepted) == [
+                    (me, b"mine-1"), (first, b"theirs-1"), (me, b"mine-2"), (second, b"theirs-2"),
+                    (me, b"mine-3mine-4")]
+
+
+@pytest.mark.parametrize("listener_passcred", ["never", "after the connection was made"])
+def test_bytes_written_after_accept_without_passcred_have_no_writer(tmp_path: Path, listener_passcred: str) -> None:
+    """Why the listener has SO_PASSCRED before listen(2) (bind_public; PassCredentials=yes in
+    broker.socket): once accepted, a socket that has not asked for credentials gets bytes with no writer
+    attached (pid 0), which the pump refuses; and a connection takes the flag from its listener when it
+    is made (unix_stream_connect), not when it is accepted."""
+    path = str(tmp_path / "s.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as agent:
+            agent.connect(path)
+            if listener_passcred != "never":
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            accepted, _ = listener.accept()
+            assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED) == 0
+            with accepted:
+                agent.sendall(b"early")
+                accepted.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+                agent.sendall(b"late")
+                assert read_with_writers(accepted) == [(0, b"early"), (os.getpid(), b"late")]
+
+
+def test_bytes_from_another_process_close_the_pair(pump: _pump.Pump, wire: Wire, closed: Closed) -> None:
+    agent, server = wire.open(pump, 3)
+    agent.sendall(b"mine")
+    assert server.recv(100) == b"mine"
+    # A forked child (or anyone the fd reached) writes on the connection: the pair ends, and not one of
+    # its bytes reaches the daemon.
+    write_from_another_process(agent, b"borrowed")
+    closed.wait(1)
+    assert server.recv(100) == b""
+    assert agent.recv(100) == b""
+    assert closed.ids == closed.refused_writer == [3]  # reported as such
+
+
+def test_bytes_from_another_process_are_refused_even_when_queued_before_the_pump(
+        pump: _pump.Pump, wire: Wire, closed: Closed) -> None:
+    agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    agent.settimeout(HANG_GUARD)
+    wire.opened.append(agent)
+    agent.connect(wire.front_path)
+    agent.sendall(b"mine")
+    write_from_another_process(agent, b"borrowed")  # before accept
+    accepted, _ = wire.front.accept()
+    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    upstream.connect(wire.daemon_path)
+    server, _ = wire.daemon.accept()
+    server.settimeout(HANG_GUARD)
+    wire.opened.append(server)
+    pump.add(4, accepted.detach(), upstream.detach(), os.getpid())
+    closed.wait(1)
+    assert recv_all(server) == b"mine"
+    assert closed.refused_writer == [4]
+
+
+def test_every_thread_of_the_sender_is_the_sender(pump: _pump.Pump, wire: Wire, closed: Closed) -> None:
+    agent, server = wire.open(pump, 5)
+    run_threads(*[lambda i=i: agent.sendall(b"%d" % i) for i in range(4)])  # type: ignore[misc]
+    got = b""
+    while len(got) < 4:
+        got += server.recv(100)
+    assert sorted(got) == sorted(b"0123")
+    assert closed.ids == []
+
+
+def test_passed_descriptors_close_the_pair_and_never_land_here(
+        pump: _pump.Pump, wire: Wire, closed: Closed, tmp_path: Path) -> None:
+    agent, server = wire.open(pump, 6)
+    before = fd_count()
+    with open(tmp_path / "passed", "w") as f:
+        agent.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", f.fileno()))])
+        closed.wait(1)
+    assert server.recv(100) == b""
+    assert closed.refused_writer == [6]
+    # The pair's two fds are gone, the file we passed was closed above, and no copy of it was installed.
+    assert fd_count() == before - 2
+
+
+@pytest.mark.parametrize("sender", [0, -1, 2**31])
+def test_sender_must_be_a_pid(factory: Callable[[_pump.OnClose], _pump.Pump], closed: Closed,
+                              sender: int) -> None:
+    pump = factory(closed)
+    a, b = socket.socketpair()
+    with pytest.raises(ValueError):
+        pump.add(1, a.fileno(), b.fileno(), sender)
+    assert a.getblocking()
+    pump.stop()
+    a.close()
+    b.close()
