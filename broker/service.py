@@ -25,7 +25,7 @@ from google.protobuf import struct_pb2
 from broker import tokens
 from broker._spiffe import workload_pb2 as wl
 from broker._spiffe import workload_pb2_grpc as wl_grpc
-from broker.attest import Caller, PeerCred, attest, exe_hashing
+from broker.attest import Caller, PeerCred, attest, exe_hashing, exe_sha256, exe_sha256_known
 from broker.config import Config
 from broker.errors import REQUEST_ID_HEADER, AttestationError, InvalidToken, PermissionDenied
 from broker.keyring import KeyRing
@@ -286,9 +286,11 @@ class BrokerService(pb_grpc.BrokerServicer):
         # Always the calling process itself, read from the kernel: the request names nobody, so no uid can
         # learn another's selectors or workflows. Only workflows it matches are named.
         workflows = [wf.name for wf in rt.config.workflows.values() if caller_matches(wf, caller)]
+        # The hash only when it is already known: caller() hashes only for a caller that a hash-pinned
+        # block could admit, and asking who one is must not make the daemon read a binary otherwise.
         return pb.WhoAmIResponse(
             pid=caller.pid, uid=caller.uid, gid=caller.gid, user=caller.user or "", groups=sorted(caller.group_names()),
-            exe=caller.exe or "", exe_sha256=(exe_sha256(caller) or "") if rt.config.hashes_exe else "",
+            exe=caller.exe or "", exe_sha256=(exe_sha256(caller) or "") if exe_sha256_known(caller) else "",
             systemd_unit=caller.systemd_unit or "", workflows=workflows)
 
     async def MintToken(self, request: pb.MintTokenRequest,

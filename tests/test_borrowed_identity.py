@@ -31,7 +31,8 @@ from broker.testing import DaemonProcess, WorkflowSpec, config_text, running_dae
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: throwaway users and attesting other uids")
 BORROWER = os.path.join(os.path.dirname(__file__), "_borrower.py")
 HANG_GUARD = 60.0
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, *sys.path])}
 
 
 @pytest.fixture(scope="module")
@@ -124,14 +125,22 @@ def test_exec_after_connect_is_refused(daemon: DaemonProcess, approved: tuple[st
     assert borrower("exec-then-speak", daemon.socket, workflow, approved[0]) == {"code": "PERMISSION_DENIED"}
 
 
-def _can_unshare(user: pwd.struct_passwd) -> str | None:
-    """None when ``user`` can make a user+mount namespace and run this interpreter; else why not."""
-    probe = subprocess.run(["unshare", "-Ur", "-m", sys.executable, "-c", "import broker.client"],
-                           user=user.pw_uid, group=user.pw_gid, extra_groups=[], capture_output=True, text=True,
-                           env=ENV, timeout=HANG_GUARD, check=False)
-    if probe.returncode != 0:
-        return f"unshare -Ur -m as an unprivileged user failed here: {probe.stderr.strip()[-200:]}"
-    return None
+def _user_interpreter(user: pwd.struct_passwd) -> tuple[str | None, str]:
+    """(a Python of this version that ``user`` can run in a user+mount namespace with our packages, or
+    None, and the last failure). This interpreter may live where other users cannot read (pyenv under
+    /root); the system's own Python of the same minor version loads the same compiled packages."""
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    why = ""
+    for candidate in dict.fromkeys([os.path.realpath(sys.executable), f"/usr/bin/{version}"]):
+        if not os.path.exists(candidate):
+            continue
+        probe = subprocess.run(["unshare", "-Ur", "-m", candidate, "-c", "import broker.client"],
+                               user=user.pw_uid, group=user.pw_gid, extra_groups=[], capture_output=True, text=True,
+                               env=ENV, timeout=HANG_GUARD, check=False)
+        if probe.returncode == 0:
+            return candidate, ""
+        why = f"{candidate}: {probe.stderr.strip()[-200:]}"
+    return None, why
 
 
 @pytest.fixture
@@ -147,13 +156,21 @@ def throwaway_user() -> Iterator[pwd.struct_passwd]:
 @pytest.mark.parametrize("unprivileged", [False, True], ids=["root-mount-ns", "user-mount-ns"])
 def test_bind_mount_over_the_approved_path_in_a_namespace_is_refused(
         short_tmp: str, approved: tuple[str, str], throwaway_user: pwd.struct_passwd, unprivileged: bool) -> None:
-    """The unprivileged variant is the attack as found; the root one runs the same check where an
-    unprivileged user cannot run this interpreter (e.g. it lives under /root)."""
+    """The unprivileged variant is the attack as found (a throwaway user in its own user+mount namespace,
+    with the system's interpreter); the root one runs the same check with this interpreter."""
+    exe, source = approved[0], os.path.realpath(sys.executable)
     if unprivileged:
-        reason = _can_unshare(throwaway_user)
-        if reason:
-            pytest.skip(reason)
-    exe = approved[0]
+        interpreter, why = _user_interpreter(throwaway_user)
+        if interpreter is None:
+            pytest.skip(f"no Python of this version that a throwaway user can run in a user+mount namespace: {why}")
+        # The approved binary for this user: a copy of that interpreter, again with a few bytes appended.
+        os.chmod(short_tmp, 0o755)  # reachable by that user, unlike pytest's own temporary directories
+        exe = os.path.join(short_tmp, "approved-user-python")
+        shutil.copy(interpreter, exe)
+        with open(exe, "ab") as f:
+            f.write(b"\0approved build\0")
+        os.chmod(exe, 0o755)
+        source = interpreter
     uid = throwaway_user.pw_uid if unprivileged else 0
     as_user: dict[str, object] = (
         {"user": uid, "group": throwaway_user.pw_gid, "extra_groups": []} if unprivileged else {})
@@ -161,10 +178,9 @@ def test_bind_mount_over_the_approved_path_in_a_namespace_is_refused(
     for d in _daemon(short_tmp, workflows, "native"):
         # The control: the approved binary itself, as that user, is served.
         assert borrower("mint", d.socket, "by-exe", interpreter=exe, **as_user) == {"token": True}
-        # The interpreter, bind-mounted over the approved path in the caller's own mount namespace, is
-        # not, though /proc/<pid>/exe names the approved path.
-        script = (f"mount --bind {os.path.realpath(sys.executable)} {exe} && "
-                  f"exec {exe} {BORROWER} mint {d.socket} by-exe")
+        # Another interpreter, bind-mounted over the approved path in the caller's own mount namespace,
+        # is not, though /proc/<pid>/exe names the approved path.
+        script = f"mount --bind {source} {exe} && exec {exe} {BORROWER} mint {d.socket} by-exe"
         unshare = ["unshare", "-Ur", "-m"] if unprivileged else ["unshare", "-m", "--propagation", "private"]
         proc = subprocess.run([*unshare, "sh", "-c", script], capture_output=True, text=True,
                               env=ENV, timeout=HANG_GUARD, check=True, **as_user)  # type: ignore[call-overload]
