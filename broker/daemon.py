@@ -26,7 +26,7 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from broker import _pump, systemd, tokens
+from broker import _nocore, _pump, systemd, tokens
 from broker import config as config_mod
 from broker._spiffe import workload_pb2, workload_pb2_grpc
 from broker.audit import AuditLog
@@ -391,6 +391,8 @@ def _raise_fd_limit(max_connections: int) -> None:
 
 def serve(config: Config, config_path: str | None = None) -> None:
     """Run the daemon in the foreground until SIGINT or SIGTERM; SIGHUP reloads, SIGUSR1 reopens the audit log."""
+    # Before any key exists: a core file or a same-uid debugger would otherwise read the signing keys.
+    _nocore.forbid_core_dumps()
     _raise_fd_limit(config.broker.max_connections)
 
     async def main() -> None:
