@@ -49,11 +49,16 @@ SHUTDOWN_GRACE: Final = 5.0
 # After SIGTERM, requests already sent on open connections are still answered normally for this long
 # before the server starts refusing new calls, so nothing a client sent before the signal fails.
 SHUTDOWN_DRAIN: Final = 0.5
+MAX_STREAMS_PER_CONNECTION: Final = 32
 SERVER_OPTIONS: Final = [
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ("grpc.max_send_message_length", 4 * 1024 * 1024),
     ("grpc.max_metadata_size", 16 * 1024),
-    ("grpc.max_concurrent_streams", 256),
+    # Calls one connection may have open at once; a client with more queues them itself. With the
+    # front door's connections per uid this bounds what one uid can make the server hold before the
+    # per-uid admission in broker.instrument refuses it (which counts every call, so a uid's share of
+    # the whole server is its admission limit, however many connections it opens).
+    ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
     # A connection idle this long is closed, freeing its front-door slot (clients reconnect on demand).
     ("grpc.max_connection_idle_ms", 10 * 60 * 1000),
 ]
@@ -154,8 +159,10 @@ class Daemon:
         internal_dir = tempfile.mkdtemp(prefix=".broker-internal-", dir=os.path.dirname(b.socket) or None)
         internal = os.path.join(internal_dir, "grpc.sock")
         frontdoor = self._frontdoor = FrontDoor(listener, internal, b.max_connections, b.max_connections_per_uid)
-        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=4096,
-                                 interceptors=[Instrument(self.metrics, frontdoor)])
+        # No maximum_concurrent_rpcs: grpc.aio's global limit refuses calls before any interceptor
+        # knows their caller, so one uid could fill it for everyone. Instrument limits per uid first,
+        # then in total.
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[Instrument(self.metrics, frontdoor)])
         rt = self._rt = Runtime(self.config, self.ring, self.audit, frontdoor, self._clock, metrics=self.metrics)
         self.metrics.add_collector(FuncCollector(lambda: {
             "connections": frontdoor.connections, "accepted": frontdoor.accepted, "refused": frontdoor.refused,
