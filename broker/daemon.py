@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from broker import _nocore, _pump, systemd, tokens
 from broker import config as config_mod
 from broker._spiffe import workload_pb2, workload_pb2_grpc
-from broker.audit import AuditLog
+from broker.audit import DENIAL_WINDOW, AuditLog
 from broker.config import Config
 from broker.errors import BrokerError, ConfigError
 from broker.frontdoor import FrontDoor, bind_public, file_identity, unlink_if_same
@@ -196,6 +196,7 @@ class Daemon:
         systemd.notify(f"READY=1\nSTATUS=serving {len(self.config.workflows)} workflows")
         self._serving = True
         rotation = asyncio.create_task(self._rotate(rt))
+        audit_flush = asyncio.create_task(self._flush_audit())
         vault_health = asyncio.create_task(self._watch_vault(health_servicer)) if self._vault else None
         try:
             await self._stop.wait()
@@ -205,6 +206,7 @@ class Daemon:
             for name in ("", *SERVICE_NAMES):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
             rotation.cancel()
+            audit_flush.cancel()
             if vault_health is not None:
                 vault_health.cancel()
             # Order matters: refuse new connections, let in-flight calls finish through the relay,
@@ -277,6 +279,15 @@ class Daemon:
                     except VaultError as exc:
                         log.warning("vault: could not publish keys (%s); retrying in the background", exc)
                 await rt.keys_changed()
+
+    async def _flush_audit(self) -> None:
+        # Summaries of suppressed denials are written when their window ends, even if no denial follows.
+        while True:
+            await asyncio.sleep(DENIAL_WINDOW)
+            try:
+                self.audit.flush()
+            except (BrokerError, OSError) as exc:
+                log.error("audit log: could not write suppressed-denial summaries: %s", exc)
 
     async def _watchdog(self) -> None:
         interval = systemd.watchdog_interval() or 1.0
