@@ -53,11 +53,22 @@ MAX_STREAMS_PER_CONNECTION: Final = 32
 SERVER_OPTIONS: Final = [
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ("grpc.max_send_message_length", 4 * 1024 * 1024),
-    ("grpc.max_metadata_size", 16 * 1024),
+    # Header blocks: a request's metadata is a few hundred bytes. Above the soft limit some calls are
+    # refused, above the hard one all. A header block that never ends (CONTINUATION frames forever)
+    # gets the connection closed once past the hard limit, so header bytes cannot pile up.
+    ("grpc.max_metadata_size", 8 * 1024),
+    ("grpc.absolute_max_metadata_size", 16 * 1024),
+    ("grpc.http2.hpack_table_size.decoder", 4096),
+    ("grpc.http2.max_frame_size", 16384),
+    # Control frames: a client may ping at most every 5 minutes without a call in between; the third
+    # ping too early gets GOAWAY and the connection is closed (our clients never send keepalive pings).
+    ("grpc.http2.min_ping_interval_without_data_ms", 5 * 60 * 1000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.keepalive_permit_without_calls", 0),
     # Calls one connection may have open at once; a client with more queues them itself. With the
     # front door's connections per uid this bounds what one uid can make the server hold before the
-    # per-uid admission in broker.instrument refuses it (which counts every call, so a uid's share of
-    # the whole server is its admission limit, however many connections it opens).
+    # per-uid admission in broker.instrument holds its calls back (it counts every call, so a uid's
+    # share of the handlers is its admission limit, however many connections it opens).
     ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
     # A connection idle this long is closed, freeing its front-door slot (clients reconnect on demand).
     ("grpc.max_connection_idle_ms", 10 * 60 * 1000),

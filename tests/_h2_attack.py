@@ -141,6 +141,20 @@ def _continuation(enc: Encoder, n: int) -> bytes:
     return ContinuationFrame(1, data=block).serialize()
 
 
+def _huge_value(enc: Encoder, n: int) -> bytes:
+    if n == 0:
+        # A literal header without indexing whose value claims 1 GiB: its bytes follow forever.
+        length = 1 << 30
+        prefix = bytearray(b"\x00\x03x-y\x7f")  # new name "x-y", then the 7-bit prefix integer, maxed
+        length -= 127
+        while length >= 128:
+            prefix.append(length % 128 + 128)
+            length //= 128
+        prefix.append(length)
+        return HeadersFrame(1, data=enc.encode(CALL_HEADERS) + bytes(prefix)).serialize()
+    return ContinuationFrame(1, data=b"a" * 16384).serialize()
+
+
 def _reset(enc: Encoder, n: int) -> bytes:
     sid = 2 * n + 1
     if sid >= 1 << 31:
@@ -152,6 +166,7 @@ def _reset(enc: Encoder, n: int) -> bytes:
 MODES: dict[str, Callable[[str, int, threading.Event, Counters], None]] = {
     "silent": silent,
     "continuation": raw_flood(_continuation),
+    "huge-header": raw_flood(_huge_value),
     "ping": raw_flood(lambda enc, n: PingFrame(0, opaque_data=n.to_bytes(8, "big")).serialize()),
     "settings": raw_flood(lambda enc, n: SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 65535 + n % 2})
                           .serialize()),
