@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import inspect
 import secrets
 import time
@@ -128,10 +127,12 @@ class Instrument(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self._release(uid, stream=False)  # a slot handed to us meanwhile goes on, or is freed
             return
         turn.cancel()
+        # Not removed from the middle of the queue (linear, and thousands may time out together):
+        # _release skips cancelled turns. Only the ones at the head go now, so an idle uid leaves nothing.
         queue = self._waiting.get(uid)
         if queue is not None:
-            with contextlib.suppress(ValueError):
-                queue.remove(turn)
+            while queue and queue[0].done():
+                queue.popleft()
             if not queue:
                 del self._waiting[uid]
 
