@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import resource
@@ -82,6 +83,8 @@ RESTART_ONLY: Final = ("trust_domain", "socket", "algorithm", "rotate_every", "m
                        "max_connections_per_uid", "audit_log")
 
 
+# How often freed heap is handed back to the kernel (see Daemon._trim_memory).
+MEMORY_TRIM_EVERY: Final = 10.0
 VAULT_HEALTH_SERVICE: Final = "broker.vault"
 VAULT_HEALTH_EVERY: Final = 2.0
 
@@ -208,6 +211,7 @@ class Daemon:
         self._serving = True
         rotation = asyncio.create_task(self._rotate(rt))
         audit_flush = asyncio.create_task(self._flush_audit())
+        memory_trim = asyncio.create_task(self._trim_memory())
         vault_health = asyncio.create_task(self._watch_vault(health_servicer)) if self._vault else None
         try:
             await self._stop.wait()
@@ -218,6 +222,7 @@ class Daemon:
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
             rotation.cancel()
             audit_flush.cancel()
+            memory_trim.cancel()
             if vault_health is not None:
                 vault_health.cancel()
             # Order matters: refuse new connections, let in-flight calls finish through the relay,
@@ -299,6 +304,17 @@ class Daemon:
                 self.audit.flush()
             except (BrokerError, OSError) as exc:
                 log.error("audit log: could not write suppressed-denial summaries: %s", exc)
+
+    async def _trim_memory(self) -> None:
+        # glibc keeps the heap a flood made the daemon allocate (grpc core's calls, their Python
+        # tasks) long after it freed it; malloc_trim hands the free pages back to the kernel. Off the
+        # event loop: it walks the heap.
+        trim = _malloc_trim()
+        if trim is None:
+            return
+        while True:
+            await asyncio.sleep(MEMORY_TRIM_EVERY)
+            await asyncio.to_thread(trim, 0)
 
     async def _watchdog(self) -> None:
         interval = systemd.watchdog_interval() or 1.0
@@ -405,6 +421,15 @@ def _secret_specs(config: Config) -> dict[tuple[str, str], object]:
     # Only additions and changes need a restart; a removed workflow's secrets are revoked on reload.
     return {(wf.name, t.name): t.secret for wf in config.workflows.values() for t in wf.tools.values()
             if t.secret is not None}
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl)."""
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except AttributeError:
+        return None
+    return trim
 
 
 def _raise_fd_limit(max_connections: int) -> None:
