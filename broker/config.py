@@ -489,15 +489,69 @@ def _frozen(d: dict[str, T]) -> Mapping[str, T]:
     return MappingProxyType(dict(d))
 
 
+# Deeper than any config we define (workflow[].tool[].secret is four levels): tomllib takes time quadratic
+# in the depth of a dotted key (seconds for a 100k-level table header), so depth is checked before it runs.
+MAX_CONFIG_DEPTH: Final = 32
+# What can open or close a level, outside strings and comments; the rest of the text is skipped in C.
+_SHAPE_TOKEN: Final = re.compile(r"""["'#.\[\]{}=,\n]""")
+# Where each kind of string ends; possessive, so an unterminated one costs linear time, not more.
+_STRING_END: Final = {
+    '"""': re.compile(r'(?:[^"\\]|\\.|"(?!""))*+"""', re.DOTALL),
+    "'''": re.compile(r"(?:[^']|'(?!''))*+'''"),
+    '"': re.compile(r'(?:[^"\\\n]|\\.)*+"'),
+    "'": re.compile(r"[^'\n]*+'"),
+}
+
+
+def _too_deep(text: str) -> bool:
+    """True if a key path or a bracket nesting in ``text`` is deeper than MAX_CONFIG_DEPTH.
+
+    A lexer just precise enough to skip strings and comments, in linear time; what it cannot make sense
+    of (an unterminated string) is left for tomllib to reject.
+    """
+    dots = brackets = 0
+    pos = 0
+    while (m := _SHAPE_TOKEN.search(text, pos)) is not None:
+        ch, pos = m.group(), m.end()
+        if ch in "\"'":
+            quote = ch * 3 if text.startswith(ch * 3, m.start()) else ch
+            end = _STRING_END[quote].match(text, m.start() + len(quote))
+            if end is None:
+                return False
+            pos = end.end()
+        elif ch == "#":
+            pos = text.find("\n", pos)
+            if pos < 0:
+                return False
+        elif ch == ".":
+            dots += 1  # the separators of one dotted key; a float's point counts too, harmlessly
+            if dots >= MAX_CONFIG_DEPTH:
+                return True
+        else:
+            dots = 0
+            if ch in "[{":
+                brackets += 1
+                if brackets > MAX_CONFIG_DEPTH:
+                    return True
+            elif ch in "]}":
+                brackets = max(brackets - 1, 0)
+    return False
+
+
 def parse(data: bytes, *, source: str = "<config>") -> Config:
     """Validate TOML bytes into a :class:`Config`, or raise ConfigError listing every problem."""
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError([ConfigProblem("", f"{source}: file larger than {MAX_CONFIG_BYTES} bytes")])
     try:
-        raw = tomllib.loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([ConfigProblem("", f"{source}: not UTF-8 ({exc.reason} at byte {exc.start})")]) \
             from None
+    if _too_deep(text):
+        raise ConfigError([ConfigProblem("", f"{source}: keys or brackets nested more than "
+                                             f"{MAX_CONFIG_DEPTH} levels deep")])
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([ConfigProblem("", f"{source}: invalid TOML: {exc}")]) from None
     except RecursionError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import resource
@@ -26,10 +27,10 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from broker import _pump, systemd, tokens
+from broker import _nocore, _pump, systemd, tokens
 from broker import config as config_mod
 from broker._spiffe import workload_pb2, workload_pb2_grpc
-from broker.audit import AuditLog
+from broker.audit import DENIAL_WINDOW, AuditLog
 from broker.config import Config
 from broker.errors import BrokerError, ConfigError
 from broker.frontdoor import FrontDoor, bind_public, file_identity, unlink_if_same
@@ -49,11 +50,27 @@ SHUTDOWN_GRACE: Final = 5.0
 # After SIGTERM, requests already sent on open connections are still answered normally for this long
 # before the server starts refusing new calls, so nothing a client sent before the signal fails.
 SHUTDOWN_DRAIN: Final = 0.5
+MAX_STREAMS_PER_CONNECTION: Final = 32
 SERVER_OPTIONS: Final = [
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ("grpc.max_send_message_length", 4 * 1024 * 1024),
-    ("grpc.max_metadata_size", 16 * 1024),
-    ("grpc.max_concurrent_streams", 256),
+    # Header blocks: a request's metadata is a few hundred bytes. Above the soft limit some calls are
+    # refused, above the hard one all. A header block that never ends (CONTINUATION frames forever)
+    # gets the connection closed once past the hard limit, so header bytes cannot pile up.
+    ("grpc.max_metadata_size", 8 * 1024),
+    ("grpc.absolute_max_metadata_size", 16 * 1024),
+    ("grpc.http2.hpack_table_size.decoder", 4096),
+    ("grpc.http2.max_frame_size", 16384),
+    # Control frames: a client may ping at most every 5 minutes without a call in between; the third
+    # ping too early gets GOAWAY and the connection is closed (our clients never send keepalive pings).
+    ("grpc.http2.min_ping_interval_without_data_ms", 5 * 60 * 1000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.keepalive_permit_without_calls", 0),
+    # Calls one connection may have open at once; a client with more queues them itself. With the
+    # front door's connections per uid this bounds what one uid can make the server hold before the
+    # per-uid admission in broker.instrument holds its calls back (it counts every call, so a uid's
+    # share of the handlers is its admission limit, however many connections it opens).
+    ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
     # A connection idle this long is closed, freeing its front-door slot (clients reconnect on demand).
     ("grpc.max_connection_idle_ms", 10 * 60 * 1000),
 ]
@@ -66,6 +83,8 @@ RESTART_ONLY: Final = ("trust_domain", "socket", "algorithm", "rotate_every", "m
                        "max_connections_per_uid", "audit_log")
 
 
+# How often freed heap is handed back to the kernel (see Daemon._trim_memory).
+MEMORY_TRIM_EVERY: Final = 10.0
 VAULT_HEALTH_SERVICE: Final = "broker.vault"
 VAULT_HEALTH_EVERY: Final = 2.0
 
@@ -154,8 +173,10 @@ class Daemon:
         internal_dir = tempfile.mkdtemp(prefix=".broker-internal-", dir=os.path.dirname(b.socket) or None)
         internal = os.path.join(internal_dir, "grpc.sock")
         frontdoor = self._frontdoor = FrontDoor(listener, internal, b.max_connections, b.max_connections_per_uid)
-        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=4096,
-                                 interceptors=[Instrument(self.metrics, frontdoor)])
+        # No maximum_concurrent_rpcs: grpc.aio's global limit refuses calls before any interceptor
+        # knows their caller, so one uid could fill it for everyone. Instrument limits per uid first,
+        # then in total.
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[Instrument(self.metrics, frontdoor)])
         rt = self._rt = Runtime(self.config, self.ring, self.audit, frontdoor, self._clock, metrics=self.metrics)
         self.metrics.add_collector(FuncCollector(lambda: {
             "connections": frontdoor.connections, "accepted": frontdoor.accepted, "refused": frontdoor.refused,
@@ -189,6 +210,8 @@ class Daemon:
         systemd.notify(f"READY=1\nSTATUS=serving {len(self.config.workflows)} workflows")
         self._serving = True
         rotation = asyncio.create_task(self._rotate(rt))
+        audit_flush = asyncio.create_task(self._flush_audit())
+        memory_trim = asyncio.create_task(self._trim_memory())
         vault_health = asyncio.create_task(self._watch_vault(health_servicer)) if self._vault else None
         try:
             await self._stop.wait()
@@ -198,6 +221,8 @@ class Daemon:
             for name in ("", *SERVICE_NAMES):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
             rotation.cancel()
+            audit_flush.cancel()
+            memory_trim.cancel()
             if vault_health is not None:
                 vault_health.cancel()
             # Order matters: refuse new connections, let in-flight calls finish through the relay,
@@ -270,6 +295,26 @@ class Daemon:
                     except VaultError as exc:
                         log.warning("vault: could not publish keys (%s); retrying in the background", exc)
                 await rt.keys_changed()
+
+    async def _flush_audit(self) -> None:
+        # Summaries of suppressed denials are written when their window ends, even if no denial follows.
+        while True:
+            await asyncio.sleep(DENIAL_WINDOW)
+            try:
+                self.audit.flush()
+            except (BrokerError, OSError) as exc:
+                log.error("audit log: could not write suppressed-denial summaries: %s", exc)
+
+    async def _trim_memory(self) -> None:
+        # glibc keeps the heap a flood made the daemon allocate (grpc core's calls, their Python
+        # tasks) long after it freed it; malloc_trim hands the free pages back to the kernel. Off the
+        # event loop: it walks the heap.
+        trim = _malloc_trim()
+        if trim is None:
+            return
+        while True:
+            await asyncio.sleep(MEMORY_TRIM_EVERY)
+            await asyncio.to_thread(trim, 0)
 
     async def _watchdog(self) -> None:
         interval = systemd.watchdog_interval() or 1.0
@@ -380,6 +425,15 @@ def _secret_specs(config: Config) -> dict[tuple[str, str], object]:
             if t.secret is not None}
 
 
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl)."""
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except AttributeError:
+        return None
+    return trim
+
+
 def _raise_fd_limit(max_connections: int) -> None:
     # Each relayed connection holds four fds: the agent's, the upstream one, the pidfd, and the socket
     # gRPC accepted at the other end of the upstream one (same process).
@@ -393,6 +447,8 @@ def _raise_fd_limit(max_connections: int) -> None:
 
 def serve(config: Config, config_path: str | None = None) -> None:
     """Run the daemon in the foreground until SIGINT or SIGTERM; SIGHUP reloads, SIGUSR1 reopens the audit log."""
+    # Before any key exists: a core file or a same-uid debugger would otherwise read the signing keys.
+    _nocore.forbid_core_dumps()
     _raise_fd_limit(config.broker.max_connections)
 
     async def main() -> None:

@@ -140,6 +140,35 @@ def test_hostile_files_fail_cleanly(data: bytes) -> None:
     assert problems(data)  # a ConfigError with at least one problem; nothing else escapes
 
 
+DEEP = "keys or brackets nested more than 32 levels deep"
+
+
+@pytest.mark.parametrize("data", [
+    # tomllib's time grows with the square of a dotted key's depth: 100k levels took 17 s to reject.
+    b"[" + b".".join([b"a"] * 100_000) + b"]\n",
+    b"[broker]\n" + b".".join([b"a"] * 33) + b" = 1\n",
+    b"[broker]\nx = " + b"[" * 33 + b"]" * 33 + b"\n",
+    b"[broker]\nx = " + b"{a = " * 33 + b"1" + b"}" * 33 + b"\n",
+])
+def test_deep_nesting_is_refused_before_parsing(data: bytes) -> None:
+    assert problems(data) == [f"<config>: {DEEP}"]
+
+
+def test_depth_counts_only_what_toml_nests() -> None:
+    # Dots and brackets in strings and comments are not nesting, and a key may be as deep as the limit.
+    dots = ".".join(["a"] * 40)
+    extra = f"""# {dots} [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[
+x1 = "{dots} \\" [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[" # {dots}
+x2 = '{dots}'
+x3 = \"\"\"{dots}
+[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[ \\\" \"\"\"
+x4 = '''{dots}'''
+x5{'.a' * 31} = [[[1.5, 2.5]]]
+"""
+    text = GOOD.replace(b"[broker]\n", b"[broker]\n" + extra.encode(), 1)
+    assert problems(text) == [f"broker.x{i}: unknown key" for i in range(1, 6)]
+
+
 def test_config_check_cli(tmp_path: object) -> None:
     import pathlib
 

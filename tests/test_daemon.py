@@ -307,14 +307,17 @@ def test_require_native_refuses_the_pure_engine(short_tmp: str) -> None:
 def test_one_user_cannot_hold_every_stream_slot(daemon: DaemonProcess) -> None:
     # Key streams need no grant; without a per-user cap, endless streams from one local user would use
     # up the server's concurrent-RPC limit and every mint would fail.
+    from broker.daemon import MAX_STREAMS_PER_CONNECTION
     from broker.instrument import MAX_STREAMS_PER_UID
 
+    # Enough connections that none is at its own stream limit (a call beyond it would queue in the client).
+    n = MAX_STREAMS_PER_UID // (MAX_STREAMS_PER_CONNECTION - 2) + 1
     channels = [grpc.insecure_channel(f"unix:{daemon.socket}", options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(2)]
+                for _ in range(n)]
     streams = []
     try:
         for i in range(MAX_STREAMS_PER_UID):
-            s = pb_grpc.BrokerStub(channels[i % 2]).WatchJWKS(pb.GetJWKSRequest())
+            s = pb_grpc.BrokerStub(channels[i % n]).WatchJWKS(pb.GetJWKSRequest())
             next(s)  # open for real
             streams.append(s)
         with pytest.raises(grpc.RpcError) as exc:

@@ -365,3 +365,9 @@ def test_listen_fds_rejects_malformed_variables(monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(BrokerError, match="socket activation"):
         systemd.listen_fds()
     assert "LISTEN_FDS" not in os.environ
+
+
+@pytest.mark.parametrize("unit", ["broker.service", "broker-exec@.service"])
+def test_units_write_no_core_files(unit: str) -> None:
+    # Keys, tokens and upstream secrets live in these processes' memory.
+    assert _unit_setting(unit, "LimitCORE") == "0"

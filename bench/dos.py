@@ -1,0 +1,88 @@
+"""Legitimate caller's latency under each denial-of-service attack by another local user (issue 12).
+
+    sudo .venv/bin/python bench/dos.py [--mints 500] [--json out.json]
+
+Needs root: it creates a throwaway user, who attacks a real daemon's public socket with
+tests/_h2_attack.py (silent calls, CONTINUATION, huge header, PING, SETTINGS, rapid reset) while root,
+granted, mints sequentially on one connection. Prints, per attack: the granted caller's p50/p99/max
+latency, failed calls, and the daemon's RSS before and during the attack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pwd
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.test_dos import attack, mint_many, rss_kib, serving  # noqa: E402
+
+# (name, mode, connections, streams per connection)
+ATTACKS = [
+    ("none", None, 0, 0),
+    ("silent calls, 32 conns x 256", "silent", 32, 256),
+    ("silent calls, 128 conns x 256", "silent", 128, 256),
+    ("CONTINUATION, new names, 16 conns", "continuation", 16, 0),
+    ("CONTINUATION, 1 GiB value, 16 conns", "huge-header", 16, 0),
+    ("PING, 16 conns", "ping", 16, 0),
+    ("SETTINGS, 16 conns", "settings", 16, 0),
+    ("rapid reset, 16 conns", "reset", 16, 0),
+]
+
+
+@contextlib.contextmanager
+def throwaway_user() -> Iterator[pwd.struct_passwd]:
+    name = "brk-" + secrets.token_hex(4)
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], check=False)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mints", type=int, default=500)
+    ap.add_argument("--settle", type=float, default=2.0, help="seconds of attack before measuring")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/dos.py needs root (it creates a throwaway user)")
+    rows = []
+    print("| attack | mints | failed | p50 ms | p99 ms | max ms | daemon RSS MiB idle -> during |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    with throwaway_user() as user:
+        for name, mode, conns, streams in ATTACKS:
+            with tempfile.TemporaryDirectory(prefix="brk-") as d, serving(d) as daemon:
+                idle = rss_kib(daemon.proc.pid)
+                with contextlib.ExitStack() as stack:
+                    if mode is not None:
+                        stack.enter_context(attack(user, daemon.socket, mode, conns, streams))
+                        time.sleep(args.settle)  # let the attack reach its steady state
+                    calls = mint_many(daemon.socket, args.mints)
+                    during = rss_kib(daemon.proc.pid)
+            row = {"attack": name, "mints": args.mints, "failed": len(calls.errors),
+                   "p50_ms": calls.percentile(0.5) * 1e3, "p99_ms": calls.percentile(0.99) * 1e3,
+                   "max_ms": max(calls.latencies, default=float("nan")) * 1e3,
+                   "rss_idle_mib": idle / 1024, "rss_during_mib": during / 1024}
+            rows.append(row)
+            print(f"| {name} | {row['mints']} | {row['failed']} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
+                  f"{row['max_ms']:.1f} | {row['rss_idle_mib']:.0f} -> {row['rss_during_mib']:.0f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
