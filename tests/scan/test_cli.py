@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
+import zlib
 from pathlib import Path
 
 import jsonschema
@@ -314,3 +316,23 @@ def test_an_empty_allowlist_entry_is_refused(tmp_path: Path, entry: str) -> None
     (tmp_path / ".broker-scan.toml").write_text(f"[allowlist]\n{entry}\n")
     r = run_scan(".", cwd=tmp_path)
     assert r.code == 2 and "an empty entry would allow every finding" in r.err
+
+
+def test_staged_skips_a_file_above_max_file_size_without_reading_it(repo: Path, token) -> None:
+    # The large blob is a loose object cut short after its header: its size can be read, its content
+    # cannot. Any attempt to read it fails the scan, so a passing scan proves the limit came first.
+    (repo / ".broker-scan.toml").write_text("[scan]\nmax_file_size = 4096\n")
+    (repo / "small.env").write_text(f"NPM={token('npm-token')}\n")
+    content = (f'GH = "{token("github-pat")}"\n' + "x = 1\n" * 2000).encode()
+    whole = b"blob %d\0" % len(content) + content
+    oid = hashlib.sha1(whole).hexdigest()  # git names objects by SHA-1 of this exact byte string
+    packed = zlib.compress(whole)
+    objects = repo / ".git" / "objects" / oid[:2]
+    objects.mkdir(parents=True, exist_ok=True)
+    (objects / oid[2:]).write_bytes(packed[: len(packed) // 2])
+    git(repo, "add", "small.env", ".broker-scan.toml")
+    git(repo, "update-index", "--add", "--cacheinfo", f"100644,{oid},big.py")
+    report = run_scan("--staged", "--format", "json", cwd=repo)
+    assert report.code == 1, report.err
+    assert [f["path"] for f in report.json()["findings"]] == ["small.env"]
+    assert report.json()["stats"]["skipped"] == {"too-large": 1}
