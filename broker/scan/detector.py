@@ -21,7 +21,7 @@ from typing import Final
 from broker.scan.document import Document
 from broker.scan.entropy import shannon
 from broker.scan.findings import Finding, fingerprint
-from broker.scan.grammar import grammar_for
+from broker.scan.grammar import grammar_for, value_span
 from broker.scan.placeholders import is_not_secret_shaped, is_placeholder
 from broker.scan.rules import AssignmentRule, PatternRule, ScanConfig
 from broker.scan.validators import VALIDATORS
@@ -128,12 +128,13 @@ class Detector:
             line = text[line_start:line_end]
             for regex in grammar:
                 for m in regex.finditer(line):
-                    key = m.group("key").strip("\"'")
+                    key = (m.group("key") or "").strip("\"'")
                     if not rule.key_regex.search(key):
                         continue
                     if rule.key_stop_regex is not None and rule.key_stop_regex.search(key):
                         continue
-                    value, offset = m.group("value"), m.start("value")
+                    value_start, value_end = value_span(m)
+                    value, offset = line[value_start:value_end], value_start
                     scheme = _AUTH_SCHEME.match(value)
                     if scheme:
                         value, offset = value[scheme.end():], offset + scheme.end()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -166,11 +167,15 @@ def _write(path: str, data: bytes) -> None:
 def _copy(source: str, target: str) -> bool:
     """Copy a regular file without following a symlink at ``source``; False when it does not exist."""
     try:
-        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO planted in its place must not hang the scan; only a regular file is read.
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     except OSError as exc:
         raise ScanError(f"cannot read {source}: {exc.strerror}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ScanError(f"{source}: not a regular file")
     with os.fdopen(fd, "rb") as src, open(target, "xb") as dst:
         shutil.copyfileobj(src, dst)
     return True

@@ -156,7 +156,8 @@ def staged(directory: str, max_size: int, skipped: Counter[str]) -> Iterator[Doc
         if located.top is None:
             raise UsageError(f"{directory}: --staged needs a work tree")
         large = _too_large(repo, max_size)
-        skipped["too-large"] += len(large)
+        if large:
+            skipped["too-large"] += len(large)
         # Excluded by pathspec, so git never reads those blobs: a 200 MB file costs nothing.
         excluded = [f":(exclude,literal,top){path}" for path in large]
         yield from _stream(repo, ["diff", "--cached", *_DIFF_OPTIONS, "--", *excluded])

@@ -69,6 +69,25 @@ def test_sarif_is_valid_and_stable(tree: tuple[Path, str], tmp_path: Path) -> No
     assert again["partialFingerprints"] == result["partialFingerprints"]
 
 
+def test_sarif_has_what_code_scanning_shows_and_sorts_by(tmp_path: Path, token) -> None:
+    # Issue 11: code scanning UIs show fullDescription and help, sort by security-severity (a number
+    # in a string), and follow alerts by primaryLocationLineHash ("<hash>:<occurrence in the file>").
+    secret = token("github-pat")
+    (tmp_path / "a.py").write_text(f'A = "{secret}"\nB = "{secret}"\npassword = "{token("npm-token")}x"\n')
+    log = json.loads(run_scan("--format", "sarif", ".", cwd=tmp_path).out)
+    jsonschema.Draft4Validator(SCHEMA).validate(log)
+    run = log["runs"][0]
+    for rule in run["tool"]["driver"]["rules"]:
+        assert rule["fullDescription"]["text"] and rule["help"]["text"] and rule["help"]["markdown"]
+        severity = rule["properties"]["security-severity"]
+        assert isinstance(severity, str) and 0.0 < float(severity) <= 10.0
+    hashes = [r["partialFingerprints"]["primaryLocationLineHash"] for r in run["results"]]
+    assert len(hashes) == 3 and len(set(hashes)) == 3
+    first, second = hashes[0].split(":"), hashes[1].split(":")
+    assert first[0] == second[0] and (first[1], second[1]) == ("1", "2")  # the same secret twice
+    assert secret not in json.dumps(log)
+
+
 def test_stdin(token) -> None:
     secret = token("slack-webhook")
     result = run_scan("-", "--format", "json", cwd=Path.cwd(), stdin=f"url: {secret}\n")
