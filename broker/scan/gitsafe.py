@@ -14,7 +14,8 @@ ours. Git run there with system and global config switched off sees no setting, 
 promisor remote of the repository, so it has nothing to run; a missing object is an error, never a
 fetch. Only two read-only commands touch the repository itself, to find its files and refs
 (``rev-parse``, ``for-each-ref``); they apply no attributes and run no diff, and every executing key
-they could reach is pinned on their command line.
+they could reach is pinned on their command line (they read the user's own config too, for
+``safe.directory``).
 """
 
 from __future__ import annotations
@@ -42,19 +43,23 @@ PINNED: Final = (
     "diff.interHunkContext=0", "diff.noprefix=false",
 )
 # What these say, for git versions that know them: never fetch a missing object, never read a replace
-# ref (one could show innocent content in place of a commit), no terminal prompt, no system attributes.
+# ref (one could show innocent content in place of a commit), no terminal prompt, no pager, no editor.
 _ENV: Final = {
-    "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_ATTR_NOSYSTEM": "1",
     "GIT_NO_LAZY_FETCH": "1", "GIT_PROTOCOL_FROM_USER": "0", "GIT_TERMINAL_PROMPT": "0",
     "GIT_NO_REPLACE_OBJECTS": "1", "GIT_OPTIONAL_LOCKS": "0", "GIT_PAGER": "cat", "PAGER": "cat",
     "GIT_ASKPASS": "false", "SSH_ASKPASS": "false", "GIT_SSH_COMMAND": "false", "GIT_EDITOR": "false",
     "GIT_ALLOW_PROTOCOL": "",
 }
-# Set by the caller (a pre-commit or pre-receive hook): they say which index and which object
-# directory the repository currently uses, so the locating commands keep them; the shadow never does.
+# The shadow reads no configuration but its own: not the user's or the system's either, whose diff
+# or merge drivers could otherwise meet attributes.
+_NO_OUTSIDE_CONFIG: Final = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_ATTR_NOSYSTEM": "1"}
+# Set by the caller (a pre-commit or pre-receive hook, a CI job): which index and object directory
+# the repository currently uses, and the user's own config, where CI marks a checkout owned by another
+# uid as safe (safe.directory). The locating commands keep them; the shadow never does.
 _LOCATING_ENV: Final = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY",
                         "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_COMMON_DIR", "GIT_CEILING_DIRECTORIES",
-                        "GIT_DISCOVERY_ACROSS_FILESYSTEM")
+                        "GIT_DISCOVERY_ACROSS_FILESYSTEM", "GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM",
+                        "GIT_CONFIG_NOSYSTEM")
 _SHADOW_CONFIG: Final = "[core]\n\trepositoryformatversion = {version}\n\tbare = true\n{extensions}"
 
 
@@ -135,7 +140,7 @@ class Shadow:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._env = _environment(("GIT_ALTERNATE_OBJECT_DIRECTORIES",))
+        self._env = _environment(("GIT_ALTERNATE_OBJECT_DIRECTORIES",)) | _NO_OUTSIDE_CONFIG
         self._env["GIT_DIR"] = path
         # The shadow's own index, even when the caller's hook named another: it is a copy of that one.
         self._env["GIT_INDEX_FILE"] = os.path.join(path, "index")

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -355,3 +356,21 @@ def test_staged_skips_a_file_above_max_file_size_without_reading_it(repo: Path, 
     assert report.code == 1, report.err
     assert [f["path"] for f in report.json()["findings"]] == ["small.env"]
     assert report.json()["stats"]["skipped"] == {"too-large": 1}
+
+
+def test_staged_in_a_pre_commit_hook_reads_the_index_being_committed(repo: Path, token) -> None:
+    # `git commit FILE` commits from a temporary index that git names in GIT_INDEX_FILE for its hooks;
+    # the shadow must copy that index, not .git/index, or the secret would pass.
+    (repo / "a.txt").write_text("one\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "base")
+    hook = repo / ".git" / "hooks" / "pre-commit"
+    root = Path(__file__).resolve().parents[2]
+    hook.write_text(f"#!/bin/sh\nPYTHONPATH='{root}' exec '{sys.executable}' -m broker.scan --staged\n")
+    hook.chmod(0o755)
+    (repo / "a.txt").write_text(f"one\nNPM={token('npm-token')}\n")
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        git(repo, "commit", "-qm", "leak", "a.txt")
+    assert "npm-token" in refused.value.stdout + refused.value.stderr
+    (repo / "a.txt").write_text("one\ntwo\n")
+    git(repo, "commit", "-qm", "clean", "a.txt")
