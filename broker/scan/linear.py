@@ -127,12 +127,13 @@ class Regex:
                 while search_from > 0 and data[search_from] & 0xC0 == 0x80:
                     search_from -= 1
             m = self._regex.search(data, search_from)
+            if m is not None and self._core(m)[0] < pos:
+                # The match began on the character only meant as context (its `before` group did not
+                # take it): search again from where the last match ended, as Python's finditer would.
+                m = self._regex.search(data, pos)
             if m is None:
                 return
             start, end = self._core(m)
-            if start < pos:
-                pos = _next_char(data, pos)  # found only through the context character: look past it
-                continue
             groups = [i for i in range(1, self.groups + 1) if i not in (self._before, self._after)]
             found = {i: m.span(i) for i in groups if m.start(i) >= 0}
             mapped = {o: chars(o) for o in sorted({start, end, *(o for span in found.values() for o in span)})}
