@@ -46,6 +46,10 @@ def _tracked(directory: str) -> list[str] | None:
         return None  # not a repository (or an index git cannot read): every file is walked instead
     root = located.top
     below = os.path.relpath(os.path.realpath(directory), os.path.realpath(root)).replace(os.sep, "/")
+    if below == ".." or below.startswith("../"):
+        # The repository's config moved its work tree elsewhere (core.worktree): its file list says
+        # nothing about this directory, so every file here is read instead.
+        return None
     names = [os.fsdecode(p) for p in listing.split(b"\0") if p]
     if below != ".":
         names = [n for n in names if n.startswith(below + "/")]

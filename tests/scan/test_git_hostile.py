@@ -210,3 +210,14 @@ def test_the_scan_leaves_the_repository_as_it_was(base: Path, tmp_path: Path) ->
         assert run_scan(*flags, cwd=repo, env_extra={"TMPDIR": str(scratch)}).code == 1
     assert {p: p.read_bytes() for p in (repo / ".git").rglob("*") if p.is_file()} == before
     assert not list(scratch.iterdir())  # every shadow was removed
+
+
+def test_a_work_tree_moved_elsewhere_does_not_blind_the_plain_scan(base: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(base, repo, symlinks=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    git(repo, "config", "core.worktree", str(elsewhere))
+    result = run_scan("--format", "json", cwd=repo)
+    assert result.code == 1, result.err
+    assert ("app.py", "github-pat") in {(f["path"], f["rule"]) for f in result.json()["findings"]}
