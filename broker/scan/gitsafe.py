@@ -33,8 +33,8 @@ from typing import Final
 from broker.scan.errors import ScanError, UsageError
 
 # Executing settings pinned on every git command line (a -c value beats every config file, includes
-# too). For the shadow these repeat its config file; for the two commands run in the repository they
-# are the whole defence, and they need only those keys that rev-parse and for-each-ref could consult.
+# too). In the shadow, whose config names no command, they are a second wall; for the two commands
+# run in the repository they are the defence, and rev-parse and for-each-ref consult few of them.
 PINNED: Final = (
     "core.fsmonitor=false", "core.hooksPath=/dev/null", "core.pager=cat", "core.sshCommand=false",
     "core.askPass=false", "core.alternateRefsCommand=false", "core.editor=false", "sequence.editor=false",
