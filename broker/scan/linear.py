@@ -18,24 +18,14 @@ characters with one forward pass (matches come in order), which keeps that part 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Final
 
 import re2
 
 from broker.scan.errors import ScanError
 
-# Room for the larger automata of counted repetitions ({20,247} of a class); RE2's default is 8 MiB.
-_MAX_MEM: Final = 64 << 20
-
 
 class RegexError(ScanError):
     """A pattern is not valid RE2 syntax."""
-
-
-def _options() -> re2.Options:
-    options = re2.Options()
-    options.max_mem = _MAX_MEM
-    return options
 
 
 def _next_char(data: bytes, pos: int) -> int:
@@ -76,7 +66,8 @@ class Regex:
 
     def __init__(self, pattern: str) -> None:
         try:
-            self._regex = re2.compile(pattern.encode("utf-8"), _options())
+            # RE2's default memory budget (8 MiB per pattern) bounds what a worker can hold.
+            self._regex = re2.compile(pattern.encode("utf-8"))
         except re2.error as exc:
             raise RegexError(f"{pattern!r}: {exc} (patterns use RE2 syntax: no lookaround, no backreferences)") \
                 from exc
