@@ -2,7 +2,7 @@
 
 Data flow, one module per step::
 
-    sources / gitsource  ->  document  ->  engine (processes)  ->  detector  ->  baseline  ->  report_*
+    sources / gitsource (gitsafe)  ->  document  ->  engine (processes)  ->  detector  ->  baseline  ->  report_*
     (worktree, stdin,        (text,        (batches, workers)      (prefilter, rules,         (text, json,
      staged, history)         line map)                             grammar, entropy,           sarif)
                                                                     placeholders)

@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Final
 
@@ -71,10 +72,14 @@ def _scan(args: argparse.Namespace, cfg: ScanConfig) -> tuple[list[Finding], eng
     if args.staged or args.history:
         if len(paths) > 1:
             raise UsageError("--staged and --history take at most one PATH: the repository")
-        docs = gitsource.staged(paths[0]) if args.staged else gitsource.history(paths[0], args.since)
+        too_large: Counter[str] = Counter()
+        docs = (gitsource.staged(paths[0], cfg.max_file_size, too_large) if args.staged
+                else gitsource.history(paths[0], args.since))
         if args.history and not gitsource.remerge_supported():
             print("broker scan: git older than 2.36: merge commits' own changes are not scanned", file=sys.stderr)
-        return engine.scan_documents(docs, cfg, args.jobs, progress)
+        findings, stats = engine.scan_documents(docs, cfg, args.jobs, progress)
+        stats.skipped.update(too_large)  # filled while the documents were read
+        return findings, stats
     refs = list(sources.worktree(paths, os.getcwd()))
     return engine.scan_files(refs, cfg, args.jobs, progress)
 

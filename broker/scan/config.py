@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from broker.errors import ConfigError, ConfigProblem
+from broker.scan.linear import Regex, RegexError
 from broker.scan.rules import (
     DEFAULT_MAX_FILE_SIZE,
     Allowlist,
@@ -115,6 +116,16 @@ class _Reader:
             self.fail(path, f"invalid regex: {exc}")
             return None
 
+    def linear(self, source: str | None, path: str) -> Regex | None:
+        """A rule's pattern, which runs over whole documents: RE2, so linear in the text."""
+        if source is None:
+            return None
+        try:
+            return Regex(source)
+        except RegexError as exc:
+            self.fail(path, f"invalid regex: {exc}")
+            return None
+
     def regexes(self, table: dict[str, Any], key: str, path: str) -> tuple[re.Pattern[str], ...]:
         compiled = (self.regex(s, f"{path}.{key}[{i}]") for i, s in enumerate(self.strings(table, key, path)))
         return tuple(p for p in compiled if p is not None)
@@ -150,7 +161,7 @@ def _rule(r: _Reader, raw: Any, path: str) -> Rule | None:
             rule_id, description, keywords, key_regex, key_stop, entropy, min_length, max_line,
             stopwords, allow, path_re,
         )
-    regex = r.regex(r.string(table, "regex", path), f"{path}.regex")
+    regex = r.linear(r.string(table, "regex", path), f"{path}.regex")
     if regex is None and "regex" not in table:
         r.fail(f"{path}.regex", "required")
     requires = tuple(k.lower() for k in r.strings(table, "requires", path))

@@ -13,6 +13,8 @@ away from most text:
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from typing import Final
 from broker.scan.document import Document
 from broker.scan.entropy import shannon
 from broker.scan.findings import Finding, fingerprint
-from broker.scan.grammar import grammar_for
+from broker.scan.grammar import grammar_for, value_span
 from broker.scan.placeholders import is_not_secret_shaped, is_placeholder
 from broker.scan.rules import AssignmentRule, PatternRule, ScanConfig
 from broker.scan.validators import VALIDATORS
@@ -64,6 +66,30 @@ def _keyword_lines(text: str, lowered: str, keywords: tuple[str, ...]) -> Iterat
     for line_start in sorted(starts):
         line_end = text.find("\n", line_start)
         yield line_start, len(text) if line_end == -1 else line_end
+
+
+class _LineCursor:
+    """Line number and bounds of offsets visited in increasing order, in one pass over the text."""
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._pos = 0
+        self._line = 1
+        self._start = 0
+        self._end = self._line_end(0)
+
+    def _line_end(self, offset: int) -> int:
+        end = self._text.find("\n", offset)
+        return len(self._text) if end == -1 else end
+
+    def seek(self, offset: int) -> tuple[int, int, int]:
+        """(line number, line start, line end) of ``offset``, which must not be below the last one."""
+        if offset > self._end:
+            self._line += self._text.count("\n", self._pos, offset)
+            self._start = self._text.rfind("\n", self._pos, offset) + 1
+            self._end = self._line_end(offset)
+        self._pos = offset
+        return self._line, self._start, self._end
 
 
 class Detector:
@@ -128,12 +154,13 @@ class Detector:
             line = text[line_start:line_end]
             for regex in grammar:
                 for m in regex.finditer(line):
-                    key = m.group("key").strip("\"'")
+                    key = (m.group("key") or "").strip("\"'")
                     if not rule.key_regex.search(key):
                         continue
                     if rule.key_stop_regex is not None and rule.key_stop_regex.search(key):
                         continue
-                    value, offset = m.group("value"), m.start("value")
+                    value_start, value_end = value_span(m)
+                    value, offset = line[value_start:value_end], value_start
                     scheme = _AUTH_SCHEME.match(value)
                     if scheme:
                         value, offset = value[scheme.end():], offset + scheme.end()
@@ -146,30 +173,42 @@ class Detector:
 
     @staticmethod
     def _resolve(candidates: list[_Candidate]) -> list[_Candidate]:
-        """Drop candidates that overlap one from an earlier rule; exact duplicates collapse too."""
+        """Drop candidates that overlap one from an earlier rule; exact duplicates collapse too.
+
+        One sweep per rule over the findings kept so far (disjoint, so sorted by start and by end
+        alike): O(n log n) for the sort plus O(n) per rule, where comparing each candidate with every
+        kept one made 64k findings take minutes.
+        """
         kept: list[_Candidate] = []
-        for cand in sorted(candidates, key=lambda c: (c.priority, c.start)):
-            if not any(cand.start < k.end and k.start < cand.end for k in kept):
-                kept.append(cand)
-        kept.sort(key=lambda c: c.start)
+        ordered = sorted(candidates, key=lambda c: (c.priority, c.start))
+        for _, group in itertools.groupby(ordered, key=lambda c: c.priority):
+            accepted: list[_Candidate] = []
+            i = 0
+            for cand in group:
+                while i < len(kept) and kept[i].end <= cand.start:
+                    i += 1  # kept[i] is now the first earlier finding that ends after this start
+                if i < len(kept) and kept[i].start < cand.end:
+                    continue  # overlaps an earlier (more specific) rule's finding
+                if accepted and accepted[-1].end > cand.start:
+                    continue  # overlaps this rule's previous finding (the only one it can overlap)
+                accepted.append(cand)
+            kept = list(heapq.merge(kept, accepted, key=lambda c: c.start))
         return kept
 
     def _findings(self, doc: Document, kept: list[_Candidate]) -> list[Finding]:
         text = doc.text
         findings: list[Finding] = []
-        line, line_start, pos = 1, 0, 0
+        # Kept candidates are disjoint and sorted, so every start and end offset comes in increasing
+        # order: one cursor walks the text once, and each line is searched for the marker once.
+        cursor = _LineCursor(text)
+        marked: dict[int, bool] = {}
         for cand in kept:
-            # Walk forward once through the text: candidates are sorted by start.
-            line += text.count("\n", pos, cand.start)
-            line_start = text.rfind("\n", 0, cand.start) + 1
-            pos = cand.start
-            end_line = line + text.count("\n", cand.start, cand.end)
-            end_line_start = text.rfind("\n", 0, cand.end) + 1
-            first_line_end = text.find("\n", cand.start)
-            first = text[line_start: len(text) if first_line_end == -1 else first_line_end]
-            last_line_end = text.find("\n", cand.end)
-            last = text[end_line_start: len(text) if last_line_end == -1 else last_line_end]
-            if ALLOW_MARKER in first or ALLOW_MARKER in last:
+            line, line_start, line_end = cursor.seek(cand.start)
+            end_line, end_line_start, end_line_end = cursor.seek(cand.end)
+            for start, end in ((line_start, line_end), (end_line_start, end_line_end)):
+                if start not in marked:
+                    marked[start] = text.find(ALLOW_MARKER, start, end) != -1
+            if marked[line_start] or marked[end_line_start]:
                 continue
             rule = self.config.rules[cand.priority]
             findings.append(Finding(

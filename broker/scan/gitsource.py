@@ -2,8 +2,8 @@
 
 Only added lines are scanned: a secret that a commit removes is reported for the commit that added
 it. Each (commit, file) becomes one :class:`Document` whose ``line_map`` points back at real line
-numbers. Git runs with external diff drivers and text conversion switched off, so a repository's own
-configuration cannot run commands or rewrite what the scanner sees.
+numbers. Git runs in a shadow of the repository (:mod:`broker.scan.gitsafe`), so nothing the
+repository configures can run a command or rewrite what the scanner sees.
 """
 
 from __future__ import annotations
@@ -11,21 +11,19 @@ from __future__ import annotations
 import functools
 import re
 import subprocess
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Final
 
 from broker.scan.document import Document
 from broker.scan.errors import ScanError, UsageError
+from broker.scan.gitsafe import Shadow, resolve_commit, shadow
 
 # --text: a repository's .gitattributes (or core.bigFileThreshold) can declare any file binary, and git
 # then prints no lines for it; binaries are recognised here instead (a NUL byte), as in the tree walk.
 # --no-renames: a file moved out of an allowlisted path shows its lines as added, not as a rename.
 _DIFF_OPTIONS: Final = ["-U0", "--text", "--no-renames", "--no-color", "--no-ext-diff", "--no-textconv",
                         "--src-prefix=a/", "--dst-prefix=b/", "--diff-filter=ACMT"]
-# The repository's own configuration must neither run commands (fsmonitor hooks, gpg for signatures)
-# nor change what the diff looks like (context lines between hunks would shift every line number).
-SAFE_CONFIG: Final = ["-c", "core.quotePath=false", "-c", "core.fsmonitor=false", "-c", "log.showSignature=false",
-                      "-c", "diff.interHunkContext=0", "-c", "diff.noprefix=false", "-c", "core.pager=cat"]
 _HUNK: Final = re.compile(rb"^@@ -\d+(?:,\d+)? \+(\d+)(?:,(\d+))? @@")
 _COMMIT_MARK: Final = b"\x00commit "
 _REMERGE_SINCE: Final = (2, 36)
@@ -109,10 +107,10 @@ def parse_patch(lines: Iterable[bytes]) -> Iterator[Document]:
         yield doc
 
 
-def _stream(repo: str, args: list[str]) -> Iterator[Document]:
-    command = ["git", "-C", repo, *SAFE_CONFIG, *args]
+def _stream(repo: Shadow, args: list[str]) -> Iterator[Document]:
     try:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(repo.command(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, env=repo.env, cwd=repo.path)
     except FileNotFoundError as exc:
         raise ScanError("git is not installed") from exc
     assert proc.stdout is not None and proc.stderr is not None
@@ -127,20 +125,42 @@ def _stream(repo: str, args: list[str]) -> Iterator[Document]:
         raise ScanError(f"git {args[0]} failed: {err.decode('utf-8', 'replace').strip()}")
 
 
-def repo_root(directory: str) -> str:
-    try:
-        proc = subprocess.run(["git", "-C", directory, *SAFE_CONFIG, "rev-parse", "--show-toplevel"],
-                              capture_output=True, check=False)
-    except FileNotFoundError as exc:
-        raise ScanError("git is not installed") from exc
-    if proc.returncode != 0:
-        raise UsageError(f"{directory}: not inside a git repository")
-    return proc.stdout.decode("utf-8", "surrogateescape").strip()
+def _too_large(repo: Shadow, max_size: int) -> list[str]:
+    """Staged files larger than ``max_size``, found from the blob sizes before any blob is read."""
+    raw = repo.run(["diff", "--cached", "--raw", "-z", "--no-abbrev", "--no-renames", "--diff-filter=ACMT"])
+    fields = raw.split(b"\0")
+    staged_blobs: list[tuple[str, str]] = []
+    for meta, raw_path in zip(fields[0::2], fields[1::2], strict=False):
+        parts = meta.split()
+        if len(parts) >= 4:
+            staged_blobs.append((parts[3].decode("ascii"), raw_path.decode("utf-8", "surrogateescape")))
+    if not staged_blobs:
+        return []
+    answers = repo.run(["cat-file", "--batch-check=%(objectsize)"],
+                       stdin=b"".join(oid.encode("ascii") + b"\n" for oid, _ in staged_blobs)).splitlines()
+    if len(answers) != len(staged_blobs):
+        raise ScanError("git cat-file: unexpected answer")
+    large: list[str] = []
+    for (_, path), answer in zip(staged_blobs, answers, strict=True):
+        if not answer.isdigit():
+            # A partial clone lacks it: the shadow cannot fetch, and scanning around it would miss it.
+            raise ScanError(f"{path}: the staged content is not in the repository (fetch it first)")
+        if int(answer) > max_size:
+            large.append(path)
+    return large
 
 
-def staged(directory: str) -> Iterator[Document]:
-    """Added lines of what is staged for the next commit."""
-    return _stream(repo_root(directory), ["diff", "--cached", *_DIFF_OPTIONS])
+def staged(directory: str, max_size: int, skipped: Counter[str]) -> Iterator[Document]:
+    """Added lines of what is staged for the next commit; files above ``max_size`` are counted in ``skipped``."""
+    with shadow(directory, index=True) as (repo, located):
+        if located.top is None:
+            raise UsageError(f"{directory}: --staged needs a work tree")
+        large = _too_large(repo, max_size)
+        if large:
+            skipped["too-large"] += len(large)
+        # Excluded by pathspec, so git never reads those blobs: a 200 MB file costs nothing.
+        excluded = [f":(exclude,literal,top){path}" for path in large]
+        yield from _stream(repo, ["diff", "--cached", *_DIFF_OPTIONS, "--", *excluded])
 
 
 @functools.cache
@@ -160,12 +180,15 @@ def history(directory: str, since: str | None) -> Iterator[Document]:
     A merge commit contributes what its author changed by hand: the difference between git's own
     re-merge of its parents (conflict markers included) and the commit, so a secret typed into a
     conflict resolution or slipped into a clean merge is found, while the lines the merged branches
-    brought are not reported twice. Needs git 2.36+; older git skips merges (the CLI says so).
+    brought are not reported twice. Needs git 2.36+; older git skips merges (the CLI says so). The
+    re-merge runs in the shadow, where no merge driver or filter of the repository exists.
     """
     if since is not None and (since.startswith("-") or not since):
         raise UsageError(f"--since {since!r}: not a revision")
-    revisions = [f"{since}..HEAD"] if since is not None else ["--all"]
-    merges = ["--diff-merges=remerge"] if remerge_supported() else []
-    return _stream(repo_root(directory), [
-        "log", "-p", *merges, *_DIFF_OPTIONS, "--format=format:%x00commit %H", *revisions, "--",
-    ])
+    with shadow(directory) as (repo, _):
+        # Revisions are resolved in the repository (reflogs, upstreams) and handed over as commit ids.
+        revisions = [f"{resolve_commit(directory, since)}..HEAD"] if since is not None else ["--all"]
+        merges = ["--diff-merges=remerge"] if remerge_supported() else []
+        yield from _stream(repo, [
+            "log", "-p", *merges, *_DIFF_OPTIONS, "--format=format:%x00commit %H", *revisions, "--",
+        ])

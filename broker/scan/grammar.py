@@ -17,41 +17,62 @@ Recognised forms, by type:
 
 from __future__ import annotations
 
-import re
 from pathlib import PurePosixPath
 from typing import Final
 
-_KEY: Final = r"""(?P<key>[A-Za-z_$@][\w$.\-]{0,79}|"[^"\n]{1,80}"|'[^'\n]{1,80}')"""
-_QUOTED: Final = r"""(?P<q>["'`])(?P<value>[^"'`\\\n]{1,512})(?P=q)"""
-_BARE: Final = r"""(?P<value>[^\s"'`#;]{1,512})"""
-_BARE_END: Final = r"""\s*(?:\s[#;].*)?$"""
-_CODE_SEP: Final = r"""\s*\]?\s*(?::\s*[\w\[\], |.*]{1,60}?)?\s*(?::=|=>|=|:)(?!=)\s*(?:[rRbBuUfF]{1,2}(?=["']))?"""
-_GO_VAR: Final = r"""\b(?:var|const)\s+(?P<key>[A-Za-z_]\w{0,79})\s+[\w.\[\]*]{1,40}\s*=\s*"""
-_SHELL_PREFIX: Final = r"""(?:^|[\s;&|(])(?:(?:export|local|readonly|declare(?:\s+-\w+)*)\s+)?"""
+from broker.scan.linear import Match, Regex
 
-_CODE: Final = (re.compile(_KEY + _CODE_SEP + _QUOTED),)
-_GO: Final = (*_CODE, re.compile(_GO_VAR + _QUOTED))
+# RE2 syntax (linear time, see broker.scan.linear). A quoted value is one of three alternatives, one
+# per quote character (RE2 has no backreference to say "the same quote closes it"); value_span()
+# picks whichever matched. A bare value must end at whitespace, which the ``after`` group reads.
+_KEY: Final = r"""(?P<key>[A-Za-z_$@][\w$.\-]{0,79}|"[^"\n]{1,80}"|'[^'\n]{1,80}')"""
+_CHARS: Final = r"""[^"'`\\\n]{1,512}"""
+_QUOTED: Final = "(?:\"(?P<v1>" + _CHARS + ")\"|'(?P<v2>" + _CHARS + ")'|`(?P<v3>" + _CHARS + ")`)"
+_BARE: Final = r"""(?P<v4>[^\s"'`#;]{1,512})"""
+_BARE_END: Final = r"""\s*(?:\s[#;].*)?$"""
+_BARE_AFTER: Final = r"""(?P<after>\s|$)"""
+# After the operator comes whitespace, a string prefix (r"", b'', f"") or the quote, so "==" (a
+# comparison) can never match.
+_CODE_SEP: Final = r"""\s*\]?\s*(?::\s*[\w\[\], |.*]{1,60}?)?\s*(?::=|=>|=|:)\s*(?:[rRbBuUfF]{1,2})?"""
+_GO_VAR: Final = r"""\b(?:var|const)\s+(?P<key>[A-Za-z_]\w{0,79})\s+[\w.\[\]*]{1,40}\s*=\s*"""
+_SHELL_PREFIX: Final = r"""(?P<before>^|[\s;&|(])(?:(?:export|local|readonly|declare(?:\s+-\w+)*)\s+)?"""
+_FLAG: Final = r"""(?P<before>^|\s)--(?P<key>[A-Za-z][\w\-]{0,79})(?:=|\s+)"""
+_DOCKER_KEY: Final = r"""^\s*(?:ENV|ARG)\s+(?P<key>[A-Za-z_]\w{0,79})(?:=|\s+)"""
+
+_CODE: Final = (Regex(_KEY + _CODE_SEP + _QUOTED),)
+_GO: Final = (*_CODE, Regex(_GO_VAR + _QUOTED))
 _YAML: Final = (
-    re.compile(r"""^\s*(?:-\s+)?""" + _KEY + r"""\s*:\s+""" + _QUOTED),
-    re.compile(r"""^\s*(?:-\s+)?""" + _KEY + r"""\s*:\s+""" + _BARE + _BARE_END),
+    Regex(r"""^\s*(?:-\s+)?""" + _KEY + r"""\s*:\s+""" + _QUOTED),
+    Regex(r"""^\s*(?:-\s+)?""" + _KEY + r"""\s*:\s+""" + _BARE + _BARE_END),
 )
 _INI: Final = (
-    re.compile(r"""^\s*(?:export\s+)?""" + _KEY + r"""\s*[=:]\s*""" + _QUOTED),
-    re.compile(r"""^\s*(?:export\s+)?""" + _KEY + r"""\s*[=:]\s*""" + _BARE + _BARE_END),
+    Regex(r"""^\s*(?:export\s+)?""" + _KEY + r"""\s*[=:]\s*""" + _QUOTED),
+    Regex(r"""^\s*(?:export\s+)?""" + _KEY + r"""\s*[=:]\s*""" + _BARE + _BARE_END),
 )
 _SHELL: Final = (
-    re.compile(_SHELL_PREFIX + r"""(?P<key>[A-Za-z_]\w{0,79})=""" + _QUOTED),
-    re.compile(_SHELL_PREFIX + r"""(?P<key>[A-Za-z_]\w{0,79})=""" + _BARE + r"""(?=\s|$)"""),
-    re.compile(r"""(?:^|\s)--(?P<key>[A-Za-z][\w\-]{0,79})(?:=|\s+)""" + _QUOTED),
-    re.compile(r"""(?:^|\s)--(?P<key>[A-Za-z][\w\-]{0,79})(?:=|\s+)""" + _BARE + r"""(?=\s|$)"""),
+    Regex(_SHELL_PREFIX + r"""(?P<key>[A-Za-z_]\w{0,79})=""" + _QUOTED),
+    Regex(_SHELL_PREFIX + r"""(?P<key>[A-Za-z_]\w{0,79})=""" + _BARE + _BARE_AFTER),
+    Regex(_FLAG + _QUOTED),
+    Regex(_FLAG + _BARE + _BARE_AFTER),
 )
 _DOCKER: Final = (
-    re.compile(r"""^\s*(?:ENV|ARG)\s+(?P<key>[A-Za-z_]\w{0,79})(?:=|\s+)""" + _QUOTED),
-    re.compile(r"""^\s*(?:ENV|ARG)\s+(?P<key>[A-Za-z_]\w{0,79})(?:=|\s+)""" + _BARE + r"""(?=\s|$)"""),
+    Regex(_DOCKER_KEY + _QUOTED),
+    Regex(_DOCKER_KEY + _BARE + _BARE_AFTER),
     *_SHELL,
 )
+_VALUE_GROUPS: Final = ("v1", "v2", "v3", "v4")
 
-Grammar = tuple[re.Pattern[str], ...]
+Grammar = tuple[Regex, ...]
+
+
+def value_span(m: Match) -> tuple[int, int]:
+    """Where the assigned literal is, whichever quoting (or none) it had."""
+    for name in _VALUE_GROUPS:
+        span = m.span(name)
+        if span[0] >= 0:
+            return span
+    raise AssertionError("every grammar pattern captures a value")
+
 
 _BY_SUFFIX: Final[dict[str, Grammar]] = {
     **dict.fromkeys((".py", ".pyi", ".pyw", ".js", ".jsx", ".mjs", ".cjs", ".ts", ".tsx", ".mts", ".cts"), _CODE),

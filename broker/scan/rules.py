@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+from broker.scan.linear import Regex
+
 DEFAULT_MAX_FILE_SIZE: Final = 16 * 1024 * 1024
 
 
@@ -19,7 +21,7 @@ class PatternRule:
 
     id: str
     description: str
-    regex: re.Pattern[str]
+    regex: Regex
     keywords: tuple[str, ...]
     requires: tuple[str, ...] = ()
     secret_group: int = 0

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, Final
 
 from broker.scan.document import Document, decode
-from broker.scan.errors import Skipped, UsageError
-from broker.scan.gitsource import SAFE_CONFIG
+from broker.scan.errors import ScanError, Skipped, UsageError
+from broker.scan.gitsafe import shadow
 
 STDIN_PATH: Final = "<stdin>"
 _OPEN_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -38,20 +37,23 @@ def display_path(abspath: str, cwd: str) -> str:
 def _tracked(directory: str) -> list[str] | None:
     """Tracked files below ``directory`` (absolute), or None when it is not in a git work tree."""
     try:
-        proc = subprocess.run(
-            ["git", "-C", directory, *SAFE_CONFIG, "ls-files", "-z", "--cached", "--full-name", "--", "."],
-            capture_output=True, check=False,
-        )
-        top = subprocess.run(
-            ["git", "-C", directory, *SAFE_CONFIG, "rev-parse", "--show-toplevel"], capture_output=True,
-            check=False
-        )
-    except FileNotFoundError:
+        # The listing comes from a shadow of the repository, which runs nothing the repository names.
+        with shadow(directory, index=True) as (repo, located):
+            if located.top is None:
+                return None
+            listing = repo.run(["ls-files", "-z", "--cached"])
+    except ScanError:
+        return None  # not a repository (or an index git cannot read): every file is walked instead
+    root = located.top
+    below = os.path.relpath(os.path.realpath(directory), os.path.realpath(root)).replace(os.sep, "/")
+    if below == ".." or below.startswith("../"):
+        # The repository's config moved its work tree elsewhere (core.worktree): its file list says
+        # nothing about this directory, so every file here is read instead.
         return None
-    if proc.returncode != 0 or top.returncode != 0:
-        return None
-    root = os.fsdecode(top.stdout.strip())
-    return [os.path.join(root, os.fsdecode(p)) for p in proc.stdout.split(b"\0") if p]
+    names = [os.fsdecode(p) for p in listing.split(b"\0") if p]
+    if below != ".":
+        names = [n for n in names if n.startswith(below + "/")]
+    return [os.path.join(root, n) for n in names]
 
 
 def _walk(directory: str) -> Iterator[str]:

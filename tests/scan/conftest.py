@@ -26,8 +26,8 @@ class Result:
         return json.loads(self.out)
 
 
-def run_scan(*args: str, cwd: Path, stdin: str | None = None) -> Result:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+def run_scan(*args: str, cwd: Path, stdin: str | None = None, env_extra: dict[str, str] | None = None) -> Result:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")} | (env_extra or {})
     proc = subprocess.run(
         [sys.executable, "-m", "broker.scan", *args],
         cwd=cwd, input=stdin, capture_output=True, text=True, env=env, timeout=120,
@@ -35,7 +35,7 @@ def run_scan(*args: str, cwd: Path, stdin: str | None = None) -> Result:
     return Result(proc)
 
 
-def git(repo: Path, *args: str) -> str:
+def git(repo: Path, *args: str, input_text: str | None = None) -> str:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("GIT_")},
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
@@ -43,7 +43,7 @@ def git(repo: Path, *args: str) -> str:
         "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
     }
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
-                          env=env).stdout
+                          env=env, input=input_text).stdout
 
 
 @pytest.fixture

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
+import sys
+import zlib
 from pathlib import Path
 
 import jsonschema
@@ -65,6 +68,25 @@ def test_sarif_is_valid_and_stable(tree: tuple[Path, str], tmp_path: Path) -> No
     (root / "app.py").write_text("\n\n\n" + (root / "app.py").read_text())
     again = json.loads(run_scan("--format", "sarif", cwd=root).out)["runs"][0]["results"][0]
     assert again["partialFingerprints"] == result["partialFingerprints"]
+
+
+def test_sarif_has_what_code_scanning_shows_and_sorts_by(tmp_path: Path, token) -> None:
+    # Issue 11: code scanning UIs show fullDescription and help, sort by security-severity (a number
+    # in a string), and follow alerts by primaryLocationLineHash ("<hash>:<occurrence in the file>").
+    secret = token("github-pat")
+    (tmp_path / "a.py").write_text(f'A = "{secret}"\nB = "{secret}"\npassword = "{token("npm-token")}x"\n')
+    log = json.loads(run_scan("--format", "sarif", ".", cwd=tmp_path).out)
+    jsonschema.Draft4Validator(SCHEMA).validate(log)
+    run = log["runs"][0]
+    for rule in run["tool"]["driver"]["rules"]:
+        assert rule["fullDescription"]["text"] and rule["help"]["text"] and rule["help"]["markdown"]
+        severity = rule["properties"]["security-severity"]
+        assert isinstance(severity, str) and 0.0 < float(severity) <= 10.0
+    hashes = [r["partialFingerprints"]["primaryLocationLineHash"] for r in run["results"]]
+    assert len(hashes) == 3 and len(set(hashes)) == 3
+    first, second = hashes[0].split(":"), hashes[1].split(":")
+    assert first[0] == second[0] and (first[1], second[1]) == ("1", "2")  # the same secret twice
+    assert secret not in json.dumps(log)
 
 
 def test_stdin(token) -> None:
@@ -317,3 +339,41 @@ def test_an_empty_allowlist_entry_is_refused(tmp_path: Path, entry: str) -> None
     (tmp_path / ".broker-scan.toml").write_text(f"[allowlist]\n{entry}\n")
     r = run_scan(".", cwd=tmp_path)
     assert r.code == 2 and "an empty entry would allow every finding" in r.err
+
+
+def test_staged_skips_a_file_above_max_file_size_without_reading_it(repo: Path, token) -> None:
+    # The large blob is a loose object cut short after its header: its size can be read, its content
+    # cannot. Any attempt to read it fails the scan, so a passing scan proves the limit came first.
+    (repo / ".broker-scan.toml").write_text("[scan]\nmax_file_size = 4096\n")
+    (repo / "small.env").write_text(f"NPM={token('npm-token')}\n")
+    content = (f'GH = "{token("github-pat")}"\n' + "x = 1\n" * 2000).encode()
+    whole = b"blob %d\0" % len(content) + content
+    oid = hashlib.sha1(whole).hexdigest()  # git names objects by SHA-1 of this exact byte string
+    packed = zlib.compress(whole)
+    objects = repo / ".git" / "objects" / oid[:2]
+    objects.mkdir(parents=True, exist_ok=True)
+    (objects / oid[2:]).write_bytes(packed[: len(packed) // 2])
+    git(repo, "add", "small.env", ".broker-scan.toml")
+    git(repo, "update-index", "--add", "--cacheinfo", f"100644,{oid},big.py")
+    report = run_scan("--staged", "--format", "json", cwd=repo)
+    assert report.code == 1, report.err
+    assert [f["path"] for f in report.json()["findings"]] == ["small.env"]
+    assert report.json()["stats"]["skipped"] == {"too-large": 1}
+
+
+def test_staged_in_a_pre_commit_hook_reads_the_index_being_committed(repo: Path, token) -> None:
+    # `git commit FILE` commits from a temporary index that git names in GIT_INDEX_FILE for its hooks;
+    # the shadow must copy that index, not .git/index, or the secret would pass.
+    (repo / "a.txt").write_text("one\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "base")
+    hook = repo / ".git" / "hooks" / "pre-commit"
+    root = Path(__file__).resolve().parents[2]
+    hook.write_text(f"#!/bin/sh\nPYTHONPATH='{root}' exec '{sys.executable}' -m broker.scan --staged\n")
+    hook.chmod(0o755)
+    (repo / "a.txt").write_text(f"one\nNPM={token('npm-token')}\n")
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        git(repo, "commit", "-qm", "leak", "a.txt")
+    assert "npm-token" in refused.value.stdout + refused.value.stderr
+    (repo / "a.txt").write_text("one\ntwo\n")
+    git(repo, "commit", "-qm", "clean", "a.txt")
