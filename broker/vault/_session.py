@@ -90,7 +90,7 @@ class VaultSession:
         # Called after every request with (HTTP method, seconds, succeeded): the daemon's metrics.
         self._observe = observe
         self._clock = clock
-        self._transport = VaultTransport(settings.address, ca_file=settings.ca_file, timeout=timeout)
+        self._transport = VaultTransport(settings.nodes, ca_file=settings.ca_file, timeout=timeout)
         self._backoff = Backoff(rng or random.SystemRandom())
         self._check_every = check_every
         self._token: str | None = None
@@ -108,7 +108,7 @@ class VaultSession:
         self.generation = 0
 
     def __repr__(self) -> str:
-        return f"VaultSession(address={self._settings.address!r}, logged_in={self.logged_in})"
+        return f"VaultSession(address={self._transport.address!r}, logged_in={self.logged_in})"
 
     @property
     def logged_in(self) -> bool:
