@@ -59,6 +59,7 @@ class PersistentOpenBao:
     token: str = field(default="", repr=False)
     unseal_key: str = field(default="", repr=False)
     proc: subprocess.Popen[bytes] | None = None
+    extra_config: str = ""  # more HCL for the server's config file (e.g. an audit device)
 
     @property
     def address(self) -> str:
@@ -83,7 +84,8 @@ class PersistentOpenBao:
                     '  performance_multiplier = 1\n}\n'
                     f'listener "tcp" {{\n  address = "127.0.0.1:{self.port}"\n'
                     f'  cluster_address = "127.0.0.1:{self.cluster_port}"\n  tls_disable = true\n}}\n'
-                    f'api_addr = "{self.address}"\ncluster_addr = "http://127.0.0.1:{self.cluster_port}"\n')
+                    f'api_addr = "{self.address}"\ncluster_addr = "http://127.0.0.1:{self.cluster_port}"\n'
+                    + self.extra_config)
         with open(os.path.join(self.workdir, "openbao.log"), "ab") as log:
             self.proc = subprocess.Popen([bao_binary(), "server", f"-config={config}"], stdout=log,
                                          stderr=subprocess.STDOUT, cwd=self.workdir)
@@ -110,9 +112,9 @@ class PersistentOpenBao:
 
 
 @contextlib.contextmanager
-def openbao_raft_server(workdir: str) -> Iterator[PersistentOpenBao]:
+def openbao_raft_server(workdir: str, *, extra_config: str = "") -> Iterator[PersistentOpenBao]:
     """A started, initialised, unsealed OpenBao keeping its data in ``workdir``."""
-    bao = PersistentOpenBao(workdir, free_port(), free_port())
+    bao = PersistentOpenBao(workdir, free_port(), free_port(), extra_config=extra_config)
     try:
         bao.start()
         yield bao
