@@ -107,7 +107,9 @@ class VaultTransport:
 
     def _next(self, failure: VaultUnavailable) -> None:
         self._current = (self._current + 1) % len(self._clients)
-        log.warning("vault: %s; using %s next", failure, self._clients[self._current][0])
+        # Info, not warning: the session already warns once per outage ("vault degraded: ..."), and with
+        # every node down each request would otherwise log one warning per node.
+        log.info("vault: %s; using %s next", failure, self._clients[self._current][0])
 
     def _send(self, address: str, client: hvac.Client, method: str, path: str, *,
               data: Mapping[str, Any] | None, token: str | None) -> dict[str, Any]:
