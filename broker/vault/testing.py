@@ -305,6 +305,16 @@ class RaftCluster:
         node.start()
         self.unseal(node)
 
+    def heal(self) -> None:
+        """Start every stopped node, unseal every sealed one, and wait until all are voters again: a
+        test's way back to a whole cluster, whatever it broke."""
+        for node in self.nodes:
+            if not node.running:
+                self.restart(node)
+            elif _call(node.address, "GET", "sys/seal-status")["sealed"]:
+                self.unseal(node)
+        self.wait_voters()
+
     def wait_voters(self, timeout: float = 60.0) -> None:
         """Until every running node is a voter of the Raft configuration and one of them leads."""
         want = {n.node_id for n in self.nodes if n.running}
