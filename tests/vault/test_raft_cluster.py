@@ -295,3 +295,20 @@ def sealed_then_unsealed(fleet: Fleet, before: list[str]) -> None:
         until(f"{b.instance} serves the rotated KV value", lambda b=b: secret(b, "crm")["api_key"] == rotated)
     print(f"\nsealed cluster: degraded noticed in {noticed:.1f}s; recovered {time.monotonic() - unsealed:.1f}s "
           "after unseal")
+
+
+def test_nothing_is_left_in_vault_when_the_fleet_stops(fleet: Fleet) -> None:
+    # Last in this module: it stops the brokers. Across the failover, the leaderless start and the seal,
+    # no token or lease was forgotten: once every broker has shut down, OpenBao itself holds nothing that
+    # a broker created (its own AppRole tokens and the child tokens it handed out were all revoked).
+    cluster = fleet.cluster
+    accessors = cluster.api("LIST", "auth/token/accessors")["data"]["keys"]
+    assert len(accessors) > 3  # the brokers' own tokens and child tokens are there while they run
+    for b in fleet.brokers:
+        assert b.daemon.stop() == 0
+    left = []
+    for accessor in cluster.api("LIST", "auth/token/accessors")["data"]["keys"]:
+        info = cluster.api("POST", "auth/token/lookup-accessor", {"accessor": accessor})["data"]
+        if "root" not in info["policies"]:
+            left.append((info["display_name"], info["policies"]))
+    assert left == []
