@@ -1,8 +1,10 @@
 """Three real ``broker serve`` processes on a real 3-node OpenBao Raft cluster (init, unseal, voters):
-the leader killed under load, a broker started while the cluster has no leader, the cluster sealed.
+the leader killed under load, a broker started while the cluster has no leader, the cluster sealed,
+and, when the fleet stops, no token of theirs left in OpenBao.
 
 Each broker lists all three nodes, each starting from a different one. The tests share one cluster and
-one set of brokers (a cluster takes ~10 s to form) and each leaves both as it found them. The figures
+one set of brokers (a cluster takes ~10 s to form); each restores the cluster, and the last stops the
+brokers. The figures
 (failed mints, recovery times) are printed; run with ``-s`` to see them (bench/RESULTS.md, "Fleet").
 """
 
