@@ -4,8 +4,8 @@ and, when the fleet stops, no token of theirs left in OpenBao.
 
 Each broker lists all three nodes, each starting from a different one. The tests share one cluster and
 one set of brokers (a cluster takes ~10 s to form); each restores the cluster, and the last stops the
-brokers. The figures
-(failed mints, recovery times) are printed; run with ``-s`` to see them (bench/RESULTS.md, "Fleet").
+brokers. The figures (failed mints, recovery times) are printed; run with ``-s`` to see them
+(bench/RESULTS.md, "Fleet").
 """
 
 from __future__ import annotations
