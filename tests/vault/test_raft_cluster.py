@@ -29,7 +29,7 @@ from broker.testing import DaemonProcess, WorkflowSpec, bao_binary, config_text,
 from broker.vault.testing import RaftCluster, openbao_raft_cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-ME = {"uid": os.geteuid()}
+ME: dict[str, object] = {"uid": os.geteuid()}
 INSTANCES = ("host-a", "host-b", "host-c")
 KV_PATH = "crm/readonly"  # written by examples/vault-dev-setup.sh
 TOOLS: list[dict[str, object]] = [
@@ -44,12 +44,13 @@ RECOVERY_DEADLINE = 90.0
 pytestmark = pytest.mark.timeout(300)
 
 
-def until(what: str, check: Callable[[], bool], timeout: float = RECOVERY_DEADLINE) -> float:
-    """Poll ``check`` until it holds; the seconds it took. Fails the test, naming ``what``, on timeout."""
+def until(what: str, check: Callable[..., bool], *args: object, timeout: float = RECOVERY_DEADLINE) -> float:
+    """Poll ``check(*args)`` until it holds; the seconds it took. Fails the test, naming ``what``, on
+    timeout."""
     started = time.monotonic()
     while True:
         with contextlib.suppress(BrokerError, OSError, KeyError, ValueError):
-            if check():
+            if check(*args):
                 return time.monotonic() - started
         if time.monotonic() - started > timeout:
             pytest.fail(f"{what}: not within {timeout:.0f}s")
@@ -122,7 +123,7 @@ def fleet() -> Iterator[Fleet]:
             for dst in f.brokers:
                 with Client(src.daemon.socket) as a, Client(dst.daemon.socket) as b:
                     until(f"{dst.instance} verifies {src.instance}'s tokens",
-                          lambda a=a, b=b: bool(b.verify(a.mint("w", "t").token, "t")))
+                          lambda a, b: bool(b.verify(a.mint("w", "t").token, "t")), a, b)
         yield f
 
 
@@ -184,19 +185,19 @@ def test_leader_killed_under_load(fleet: Fleet) -> None:
         # Leases: every broker's child token is renewed after the kill, as OpenBao itself reports (the
         # renewals come every 10 s, so this is at most that plus the failover).
         for tok in child_tokens:
-            until("child token renewed", lambda tok=tok: cluster.api("POST", "auth/token/lookup", {"token": tok})[
-                "data"].get("last_renewal_time", 0) > killed_at)
+            until("child token renewed", lambda tok: cluster.api("POST", "auth/token/lookup", {"token": tok})[
+                "data"].get("last_renewal_time", 0) > killed_at, tok)
         renewal = time.monotonic() - started
         # The fleet JWKS: every broker's heartbeat lands in Vault again (at most one heartbeat period, 30 s).
         for b in brokers:
-            until(f"{b.instance}'s fleet heartbeat", lambda b=b: fleet.heartbeat(b.instance) > killed_at)
+            until(f"{b.instance}'s fleet heartbeat", lambda b: fleet.heartbeat(b.instance) > killed_at, b)
         jwks = time.monotonic() - started
         # KV: a value rotated after the failover reaches every broker (kv_refresh = 1 s).
         rotated = secrets.token_urlsafe(18)
         cluster.api("POST", f"secret/data/{KV_PATH}", {"data": {"api_key": rotated}})
         written = time.monotonic()
         for b in brokers:
-            until(f"{b.instance} serves the rotated KV value", lambda b=b: secret(b, "crm")["api_key"] == rotated)
+            until(f"{b.instance} serves the rotated KV value", lambda b: secret(b, "crm")["api_key"] == rotated, b)
         kv = time.monotonic() - written
         after = [t.mints for t in tallies]
         until("load continues after recovery", lambda: all(t.mints > n + 50 for t, n in zip(tallies, after,
@@ -215,10 +216,10 @@ def test_leader_killed_under_load(fleet: Fleet) -> None:
     assert [t.failed_mints for t in tallies] == [[], [], []]  # minting never waits on Vault
     assert [t.failed_verifications for t in tallies] == [[], [], []]
     # A token minted at one surviving broker verifies at another, after the failover.
-    with Client(brokers[1].daemon.socket) as b, Client(brokers[2].daemon.socket) as c:
-        assert c.verify(b.mint("w", "t").token, "t")["wf"] == "w"
+    with Client(brokers[1].daemon.socket) as one, Client(brokers[2].daemon.socket) as other:
+        assert other.verify(one.mint("w", "t").token, "t")["wf"] == "w"
     for b in brokers:
-        until(f"{b.instance} healthy", lambda b=b: degraded(b) == [])
+        until(f"{b.instance} healthy", lambda b: degraded(b) == [], b)
 
 
 def test_broker_started_without_a_leader_serves_and_joins_later(fleet: Fleet) -> None:
@@ -228,8 +229,8 @@ def test_broker_started_without_a_leader_serves_and_joins_later(fleet: Fleet) ->
     # answers the login "invalid role or secret ID", and five such answers lock the role out for 15 min:
     # see "Running a fleet" in docs/vault.md.)
     for node in cluster.nodes:
-        until(f"{node.node_id} holds the new role's secret ID", lambda node=node: bool(cluster.api(
-            "LIST", "auth/approle/role/broker-host-d/secret-id", node=node)["data"]["keys"]))
+        until(f"{node.node_id} holds the new role's secret ID", lambda node: bool(cluster.api(
+            "LIST", "auth/approle/role/broker-host-d/secret-id", node=node)["data"]["keys"]), node)
     leader = cluster.leader()
     down = [leader, next(n for n in cluster.nodes if n is not leader)]
     for node in down:
@@ -245,8 +246,9 @@ def test_broker_started_without_a_leader_serves_and_joins_later(fleet: Fleet) ->
             cluster.restart(node)
         cluster.wait_voters()
         # ... and joins the fleet when it is: its keys reach the others through Vault.
-        with Client(fleet.brokers[1].daemon.socket) as b:
-            joined = until("a sibling verifies the late broker's token", lambda: bool(b.verify(own_token, "t")))
+        with Client(fleet.brokers[1].daemon.socket) as sibling:
+            joined = until("a sibling verifies the late broker's token",
+                           lambda: bool(sibling.verify(own_token, "t")))
         until("the late broker healthy", lambda: degraded(late) == [])
         print(f"\nlate broker joined the fleet {joined:.1f}s after the cluster had a leader again")
         for path in _files(late.dir):
@@ -279,7 +281,7 @@ def sealed_then_unsealed(fleet: Fleet, before: list[str]) -> None:
     cluster, brokers = fleet.cluster, fleet.brokers
     sealed = time.monotonic()
     for b in brokers:
-        until(f"{b.instance} reports Vault degraded", lambda b=b: any("sealed" in r for r in degraded(b)))
+        until(f"{b.instance} reports Vault degraded", lambda b: any("sealed" in r for r in degraded(b)), b)
     noticed = time.monotonic() - sealed
     for b, value in zip(brokers, before, strict=True):
         with Client(b.daemon.socket, workflow="w") as c:
@@ -290,11 +292,11 @@ def sealed_then_unsealed(fleet: Fleet, before: list[str]) -> None:
     unsealed = time.monotonic()
     cluster.wait_voters()
     for b in brokers:
-        until(f"{b.instance} recovers", lambda b=b: degraded(b) == [])
+        until(f"{b.instance} recovers", lambda b: degraded(b) == [], b)
     rotated = secrets.token_urlsafe(18)
     cluster.api("POST", f"secret/data/{KV_PATH}", {"data": {"api_key": rotated}})
     for b in brokers:
-        until(f"{b.instance} serves the rotated KV value", lambda b=b: secret(b, "crm")["api_key"] == rotated)
+        until(f"{b.instance} serves the rotated KV value", lambda b: secret(b, "crm")["api_key"] == rotated, b)
     print(f"\nsealed cluster: degraded noticed in {noticed:.1f}s; recovered {time.monotonic() - unsealed:.1f}s "
           "after unseal")
 
