@@ -137,6 +137,12 @@ class VaultSettings:
     jwks_path: str = "broker/jwks"
     kv_refresh: int = DEFAULT_KV_REFRESH
     max_staleness: int = DEFAULT_MAX_STALENESS
+    # Every node the broker may use, ``address`` first; empty means just ``address``.
+    addresses: tuple[str, ...] = ()
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return self.addresses or (self.address,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,16 +419,30 @@ def _parse_vault(c: _Checker, raw: Any) -> VaultSettings | None:
                                "max_staleness", "auth"))
     if t is None:
         return None
-    address = c.get(t, "vault", "address", str, required=True)
-    if address is not None and not address.startswith(("https://", "http://")):
-        c.fail("vault.address", f"must be an http(s) URL, got {address!r}")
-    elif address is not None and ("@" in urllib.parse.urlsplit(address).netloc or not address.isprintable()):
-        # A password in the URL would be echoed in every error and log line that names the address.
-        c.fail("vault.address", "must not contain credentials or control characters")
+    # One address, or the nodes of one cluster in order of preference: the broker moves on to the next
+    # node when one cannot be reached or cannot serve (sealed, no leader).
+    raw_address = t.get("address")
+    listed: list[Any] = raw_address if isinstance(raw_address, list) else [raw_address]
+    addresses: tuple[str, ...] = ()
+    if "address" not in t:
+        c.fail("vault.address", "required key is missing")
+    elif not listed or not all(isinstance(a, str) for a in listed):
+        c.fail("vault.address", f"expected a string or a non-empty array of strings, got {_kind(raw_address)}")
+    elif len(set(listed)) != len(listed):
+        c.fail("vault.address", "lists an address twice")
+    else:
+        addresses = tuple(listed)
+    for node in addresses:
+        if not node.startswith(("https://", "http://")):
+            c.fail("vault.address", f"must be an http(s) URL, got {node!r}")
+        elif "@" in urllib.parse.urlsplit(node).netloc or not node.isprintable():
+            # A password in the URL would be echoed in every error and log line that names the address.
+            c.fail("vault.address", "must not contain credentials or control characters")
+    address = addresses[0] if addresses else None
     ca_file = c.get(t, "vault", "ca_file", str)
     if ca_file is not None and not ca_file.startswith("/"):
         c.fail("vault.ca_file", f"must be an absolute path, got {ca_file!r}")
-    elif ca_file is not None and address is not None and not address.startswith("https://"):
+    elif ca_file is not None and address is not None and not all(n.startswith("https://") for n in addresses):
         # Fail closed: a CA file next to a plain-HTTP address reads as "TLS is on" when it is not.
         c.fail("vault.ca_file", "only applies to an https:// address")
     instance = c.matching(t, "vault", "instance", _NAME_RE, what="instance name") or ""
@@ -451,7 +471,7 @@ def _parse_vault(c: _Checker, raw: Any) -> VaultSettings | None:
                 auth = VaultAuth(method, **files)
     if address is None or auth is None:
         return None
-    return VaultSettings(address, auth, ca_file, instance, kv_mount, jwks_path, kv_refresh, staleness)
+    return VaultSettings(address, auth, ca_file, instance, kv_mount, jwks_path, kv_refresh, staleness, addresses)
 
 
 def _unique(c: _Checker, items: list[tuple[str, T]], what: str) -> dict[str, T]:

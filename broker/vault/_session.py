@@ -33,6 +33,12 @@ log = logging.getLogger("broker.vault")
 # How often a healthy session asks Vault "is my token still valid?": bounds how long a token revoked
 # behind the broker's back, or a Vault outage, goes unnoticed when no other request happens.
 DEFAULT_CHECK_EVERY: Final = 30.0
+# OpenBao and Vault lock a login out for 15 minutes after 5 refused attempts within 15 minutes ("user
+# lockout", on by default for AppRole). Every consumer's request logs in when there is no token, so a 1 s
+# KV poll alone would lock the broker out seconds after one refusal (seen on a Raft cluster: a standby
+# that had not yet replicated a new role refused it). After a refusal, at most one login per this many
+# seconds: four in any 15 minutes.
+LOGIN_REFUSED_PAUSE: Final = 240.0
 MAX_CREDENTIAL_FILE_BYTES: Final = 4096
 # Vault generates secret IDs as UUIDs; anything else in the secret_id file is taken as a wrapping token.
 _UUID_RE: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
@@ -84,15 +90,17 @@ class VaultSession:
 
     def __init__(self, settings: VaultSettings, *, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 check_every: float = DEFAULT_CHECK_EVERY,
+                 check_every: float = DEFAULT_CHECK_EVERY, login_refused_pause: float = LOGIN_REFUSED_PAUSE,
                  observe: Callable[[str, float, bool], None] | None = None) -> None:
         self._settings = settings
         # Called after every request with (HTTP method, seconds, succeeded): the daemon's metrics.
         self._observe = observe
         self._clock = clock
-        self._transport = VaultTransport(settings.address, ca_file=settings.ca_file, timeout=timeout)
+        self._transport = VaultTransport(settings.nodes, ca_file=settings.ca_file, timeout=timeout)
         self._backoff = Backoff(rng or random.SystemRandom())
         self._check_every = check_every
+        self._login_refused_pause = login_refused_pause
+        self._refused: tuple[float, VaultAuthError] | None = None  # (no login before, the refusal)
         self._token: str | None = None
         self._requested_ttl = 0
         self._renew_at = math.inf
@@ -108,7 +116,7 @@ class VaultSession:
         self.generation = 0
 
     def __repr__(self) -> str:
-        return f"VaultSession(address={self._settings.address!r}, logged_in={self.logged_in})"
+        return f"VaultSession(address={self._transport.address!r}, logged_in={self.logged_in})"
 
     @property
     def logged_in(self) -> bool:
@@ -190,6 +198,9 @@ class VaultSession:
         if self._token is not None:
             return self._token
         async with self._login_lock:
+            if self._refused is not None and self._clock() < self._refused[0]:
+                raise VaultAuthError(f"{self._refused[1]} (next login attempt in "
+                                     f"{self._refused[0] - self._clock():.0f}s)")
             if self._token is None:
                 await self._login()
             assert self._token is not None  # _login either sets it or raises
@@ -214,12 +225,14 @@ class VaultSession:
                 token, accessor, ttl, renewable = await self._token_file_login()
         except VaultRequestError as exc:
             failure = VaultAuthError(f"vault login refused: {exc}")
+            self._refused = (self._clock() + self._login_refused_pause, failure)
             self._mark_degraded(str(failure))
             raise failure from None
         except VaultAuthError as exc:
             self._mark_degraded(str(exc))
             raise
         self._token = token
+        self._refused = None
         self.logins += 1
         if accessor != self._accessor:
             self._accessor = accessor

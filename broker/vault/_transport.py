@@ -22,7 +22,7 @@ import queue
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
 import hvac
@@ -45,23 +45,42 @@ MAX_ERROR_CHARS: Final = 200
 
 
 class VaultTransport:
-    """Sends requests to one Vault address. Every method except :meth:`close` is a coroutine."""
+    """Sends requests to one Vault cluster, through one of its nodes' addresses at a time.
 
-    def __init__(self, address: str, *, ca_file: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.address = address.rstrip("/")
+    With several addresses (the nodes of one cluster) the transport keeps to the node that last worked
+    and moves to the next one in the list when a node cannot be reached or answers 503 (sealed, or a
+    standby that lost its leader); Raft replicates tokens and leases, so any node serves any of them.
+    A request is sent again at once to the next node only when the first cannot have acted on it: the
+    connection was never made, or the node answered 503. After anything else (a timeout mid-answer, a
+    500) the request may have been carried out, and creating a lease twice would leak one, so the error
+    goes to the caller, who retries on its own schedule, and the next request goes to the next node.
+    Every method except :meth:`close` is a coroutine."""
+
+    def __init__(self, addresses: str | Sequence[str], *, ca_file: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        listed = [addresses] if isinstance(addresses, str) else list(addresses)
+        if not listed:
+            raise VaultError("no Vault address")
         if ca_file is not None:
             _check_ca_file(ca_file)
         self._timeout = timeout
         self._worker = _Worker()
         # No redirects: requests would carry X-Vault-Token (and a POSTed secret_id) to wherever a 3xx
         # points, another host or plain HTTP included. A redirect is answered as "not usable".
-        self._client = hvac.Client(url=self.address, token="", verify=ca_file or True, timeout=timeout,
-                                   adapter=hvac.adapters.RawAdapter, allow_redirects=False)
+        self._clients = [(a.rstrip("/"), hvac.Client(url=a.rstrip("/"), token="", verify=ca_file or True,
+                                                     timeout=timeout, adapter=hvac.adapters.RawAdapter,
+                                                     allow_redirects=False)) for a in listed]
+        self._current = 0  # only the worker thread changes it
+
+    @property
+    def address(self) -> str:
+        """The node in use (the one the next request goes to)."""
+        return self._clients[self._current][0]
 
     async def send(self, method: str, path: str, data: Mapping[str, Any] | None = None, *,
                    token: str | None = None) -> dict[str, Any]:
         """One request to ``/v1/<path>``; the JSON answer, ``{}`` for 204. Raises a VaultError."""
-        return await asyncio.wrap_future(self._worker.submit(lambda: self._send(method, path, data, token)))
+        return await asyncio.wrap_future(self._worker.submit(lambda: self._failover(method, path, data, token)))
 
     def close(self) -> None:
         """Let the requests already queued run (a lease revocation must not be dropped), for a bounded
@@ -69,26 +88,61 @@ class VaultTransport:
         if not self._worker.stop(wait=self._timeout * (ANSWER_DEADLINE_FACTOR + 1)):
             log.error("vault: requests still unanswered at close; leaving them behind")
             return
-        self._client.adapter.close()
+        for _, client in self._clients:
+            client.adapter.close()
 
-    def _send(self, method: str, path: str, data: Mapping[str, Any] | None, token: str | None) -> dict[str, Any]:
+    def _failover(self, method: str, path: str, data: Mapping[str, Any] | None, token: str | None
+                  ) -> dict[str, Any]:
+        left = len(self._clients)
+        while True:
+            address, client = self._clients[self._current]
+            try:
+                return self._send(address, client, method, path, data=data, token=token)
+            except VaultUnavailable as exc:
+                left -= 1
+                if len(self._clients) > 1:
+                    self._next(exc)
+                if not isinstance(exc, _NotSent) or left == 0:
+                    raise
+
+    def _next(self, failure: VaultUnavailable) -> None:
+        self._current = (self._current + 1) % len(self._clients)
+        # Info, not warning: the session already warns once per outage ("vault degraded: ..."), and with
+        # every node down each request would otherwise log one warning per node.
+        log.info("vault: %s; using %s next", failure, self._clients[self._current][0])
+
+    def _send(self, address: str, client: hvac.Client, method: str, path: str, *,
+              data: Mapping[str, Any] | None, token: str | None) -> dict[str, Any]:
         headers = {"X-Vault-Token": token} if token else {}
         try:
-            response = self._client.adapter.request(method, f"/v1/{path}", headers=headers,
-                                                    json=dict(data) if data is not None else None,
-                                                    raise_exception=False, stream=True)
+            response = client.adapter.request(method, f"/v1/{path}", headers=headers,
+                                              json=dict(data) if data is not None else None,
+                                              raise_exception=False, stream=True)
             with response:
-                raw = self._read_body(response)
+                raw = self._read_body(address, response)
         except requests.exceptions.SSLError:
-            raise VaultUnavailable(f"TLS with Vault at {self.address} failed: its certificate is not trusted "
+            raise VaultUnavailable(f"TLS with Vault at {address} failed: its certificate is not trusted "
                                    "(vault.ca_file names the CA that signed it) or the handshake broke") from None
+        except requests.exceptions.ConnectTimeout:
+            raise _NotSent(f"cannot reach Vault at {address}: ConnectTimeout") from None
+        except requests.ConnectionError as exc:
+            # NewConnectionError (refused, unreachable): nothing reached the node, so another may take it.
+            if _never_connected(exc):
+                raise _NotSent(f"cannot reach Vault at {address}: ConnectionError") from None
+            raise VaultUnavailable(f"cannot reach Vault at {address}: ConnectionError") from None
         except requests.RequestException as exc:
-            raise VaultUnavailable(f"cannot reach Vault at {self.address}: {type(exc).__name__}") from None
+            raise VaultUnavailable(f"cannot reach Vault at {address}: {type(exc).__name__}") from None
         except (OSError, ValueError, urllib3.exceptions.HTTPError) as exc:  # the body broke off mid-read
-            raise VaultUnavailable(f"broken answer from Vault at {self.address}: {type(exc).__name__}") from None
-        return self._decode(method, path, response.status_code, raw)
+            raise VaultUnavailable(f"broken answer from Vault at {address}: {type(exc).__name__}") from None
+        if response.status_code == 503:
+            # Sealed, or a standby without a leader: the node did not act on the request.
+            body = _json_object(raw)
+            errors = body.get("errors") if body is not None else None
+            detail = "; ".join(str(e) for e in errors)[:MAX_ERROR_CHARS] if isinstance(errors, list) else ""
+            raise _NotSent(f"Vault at {address} answered 503 to {method} {path}" + (f": {detail}" if detail else ""))
+        return self._decode(address, method, path, response.status_code, raw)
 
-    def _read_body(self, response: requests.Response) -> bytes:
+    def _read_body(self, address: str, response: requests.Response) -> bytes:
         # At most one byte past the cap (a peer that streams forever cannot exhaust memory), and within
         # a deadline for the whole body (one that drips a byte a second cannot hold the thread).
         deadline = time.monotonic() + self._timeout * ANSWER_DEADLINE_FACTOR
@@ -100,16 +154,16 @@ class VaultTransport:
                 break
             body += chunk
             if time.monotonic() > deadline:
-                raise VaultUnavailable(f"Vault at {self.address} answered too slowly")
+                raise VaultUnavailable(f"Vault at {address} answered too slowly")
         return bytes(body)
 
-    def _decode(self, method: str, path: str, status: int, raw: bytes) -> dict[str, Any]:
+    def _decode(self, address: str, method: str, path: str, status: int, raw: bytes) -> dict[str, Any]:
         if status == 204:
             return {}
         body = _json_object(raw)
         if 200 <= status < 300:
             if body is None:
-                raise VaultUnavailable(f"{self.address} answered {method} {path} with something that is not "
+                raise VaultUnavailable(f"{address} answered {method} {path} with something that is not "
                                        "a Vault API response")
             return body
         errors = body.get("errors") if body is not None else None
@@ -119,6 +173,15 @@ class VaultTransport:
             raise VaultRequestError(status, what)
         # 5xx (sealed, standby, overloaded), 429, and 4xx without a Vault error body: not Vault's final word.
         raise VaultUnavailable(what)
+
+
+class _NotSent(VaultUnavailable):
+    """The node did not act on the request (no connection, or 503): another node may be asked at once."""
+
+
+def _never_connected(exc: requests.ConnectionError) -> bool:
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ import pytest
 
 from broker.config import VaultAuth, VaultSettings
 from broker.testing import OpenBao, free_port
-from broker.vault import VaultAuthError, VaultRequestError, VaultSession, VaultUnavailable
+from broker.vault import VaultAuthError, VaultRequestError, VaultSession, VaultUnavailable, _session
 from broker.vault._transport import VaultTransport
 
 from .conftest import make_role, write_secret
@@ -136,6 +136,35 @@ def test_wrong_secret_id_is_refused_and_reported(bao: OpenBao, admin: hvac.Clien
         with pytest.raises(VaultAuthError) as exc:
             await s.request("GET", "auth/token/lookup-self")
         assert bogus not in str(exc.value)
+        await s.close()
+
+    run(main())
+
+
+def test_a_refused_login_is_not_retried_into_a_lockout(bao: OpenBao, admin: hvac.Client, creds_dir: str) -> None:
+    # Vault locks a role out for 15 minutes after 5 refused logins in 15 minutes. Every consumer (the 1 s
+    # KV poll among them) asks for a token, so the session must not turn each request into a login.
+    role = make_role(admin, creds_dir, policies=["default"])
+    good = open(role.secret_id_file).read().strip()
+    write_secret(role.secret_id_file, "0f0e0d0c-0b0a-0908-0706-050403020100")
+    now = [1000.0]
+    sent: list[str] = []
+
+    async def main() -> None:
+        s = VaultSession(role.settings(bao.address), clock=lambda: now[0],
+                         observe=lambda method, _seconds, _ok: sent.append(method))
+        for _ in range(10):
+            with pytest.raises(VaultAuthError, match="login refused"):
+                await s.request("GET", "auth/token/lookup-self")
+        assert sent == ["POST"]  # one login attempt, nine answers from memory
+        assert s.degraded is not None and "login refused" in s.degraded
+        write_secret(role.secret_id_file, good)  # the operator fixes the file ...
+        now[0] += _session.LOGIN_REFUSED_PAUSE - 1
+        with pytest.raises(VaultAuthError, match="next login attempt in 1s"):
+            await s.request("GET", "auth/token/lookup-self")
+        now[0] += 1  # ... and the next attempt, at most four per 15 minutes, picks it up
+        await s.request("GET", "auth/token/lookup-self")
+        assert s.logged_in and s.logins == 1 and s.degraded is None
         await s.close()
 
     run(main())
