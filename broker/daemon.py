@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import grpc
 import uvloop
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from broker import _pump, systemd, tokens
@@ -33,6 +33,7 @@ from broker.audit import AuditLog
 from broker.config import Config
 from broker.errors import BrokerError, ConfigError
 from broker.frontdoor import FrontDoor, bind_public, file_identity, unlink_if_same
+from broker.health import HealthServicer
 from broker.instrument import Instrument
 from broker.keyring import KeyRing, KeySource, MemoryKeySource
 from broker.metrics import FuncCollector, Metrics
@@ -163,7 +164,7 @@ class Daemon:
             "uptime": self._clock() - self._started,
             **({"vault_leases": self._vault.secrets.leases, "vault_degraded": int(bool(self._vault.degraded()))}
                if self._vault else {})}))
-        health_servicer = health.aio.HealthServicer()
+        health_servicer = HealthServicer()
         broker_pb2_grpc.add_BrokerServicer_to_server(BrokerService(rt, self), server)
         workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(WorkloadAPI(rt), server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -204,6 +205,7 @@ class Daemon:
             # then drop the relayed connections.
             frontdoor.stop_accepting()
             await rt.close_streams()
+            await health_servicer.close()  # after NOT_SERVING above: every watcher has seen it
             await asyncio.sleep(SHUTDOWN_DRAIN)
             await server.stop(SHUTDOWN_GRACE)
             await asyncio.get_running_loop().run_in_executor(None, frontdoor.close)
@@ -242,7 +244,7 @@ class Daemon:
                  "logged in" if session.logged_in else "not logged in yet")
         return _Vault(session, fleet, secrets)
 
-    async def _watch_vault(self, health_servicer: health.aio.HealthServicer) -> None:
+    async def _watch_vault(self, health_servicer: HealthServicer) -> None:
         assert self._vault is not None
         last: list[str] | None = None
         while True:

@@ -3,6 +3,8 @@ a cap on the long-lived streams each caller uid may hold open."""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -63,33 +65,56 @@ class Instrument(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
                                                        response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
-            stream_inner = handler.unary_stream
-            watchers = self._m.watchers
-
-            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                # Streams live as long as their subscriber: counted, not timed.
-                REQUEST_ID.set(secrets.token_hex(8))
-                cred = self._peers.lookup(context.peer())
-                uid = cred.uid if cred is not None else None  # None: the internal socket (the daemon's uid)
-                if uid is not None:
-                    held = self._streams.get(uid, 0)
-                    if held >= self._max_streams:
-                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                            f"at most {self._max_streams} open streams per user")
-                    self._streams[uid] = held + 1
-                watchers.inc()
-                try:
-                    async for item in stream_inner(request, context):
-                        yield item
-                finally:
-                    watchers.dec()
-                    if uid is not None:
-                        left = self._streams[uid] - 1
-                        if left:
-                            self._streams[uid] = left
-                        else:
-                            del self._streams[uid]
-
-            return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
-                                                        response_serializer=handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.stream_stream is not None:
+            # Server reflection: a client may hold its bidirectional stream open as long as a key stream.
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(handler.stream_stream), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
         return handler
+
+    def _wrap_stream(self, inner: Callable[..., Any]) -> Callable[..., Any]:
+        # grpc picks the calling convention from the handler's kind: an async generator yields its
+        # replies, a coroutine writes them with context.write() (grpc_health's Watch). The wrapper must
+        # be of the same kind as what it wraps, or grpc calls it the wrong way and the client gets UNKNOWN.
+        if inspect.isasyncgenfunction(inner):
+            async def generator(request: Any, context: Any) -> AsyncIterator[Any]:
+                async with self._stream_slot(context):
+                    async for item in inner(request, context):
+                        yield item
+
+            return generator
+        if inspect.iscoroutinefunction(inner):
+            async def writer(request: Any, context: Any) -> None:
+                async with self._stream_slot(context):
+                    await inner(request, context)
+
+            return writer
+        raise TypeError(f"{inner!r}: a streaming handler must be an async generator or a coroutine function")
+
+    @contextlib.asynccontextmanager
+    async def _stream_slot(self, context: Any) -> AsyncIterator[None]:
+        """Holds one of the caller uid's stream slots while the stream is open."""
+        # Streams live as long as their subscriber: counted, not timed.
+        REQUEST_ID.set(secrets.token_hex(8))
+        cred = self._peers.lookup(context.peer())
+        uid = cred.uid if cred is not None else None  # None: the internal socket (the daemon's uid)
+        if uid is not None:
+            held = self._streams.get(uid, 0)
+            if held >= self._max_streams:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"at most {self._max_streams} open streams per user")
+            self._streams[uid] = held + 1
+        self._m.watchers.inc()
+        try:
+            yield
+        finally:
+            self._m.watchers.dec()
+            if uid is not None:
+                left = self._streams[uid] - 1
+                if left:
+                    self._streams[uid] = left
+                else:
+                    del self._streams[uid]

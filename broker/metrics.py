@@ -46,8 +46,8 @@ class Metrics:
                                      registry=r)
         self.rpc_seconds = Histogram("broker_rpc_duration_seconds", "Unary RPC handling time", ["method"],
                                      registry=r, buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .1, 1))
-        self.watchers = Gauge("broker_stream_subscribers", "Open key/revocation streams (sidecars, verifiers)",
-                              registry=r)
+        self.watchers = Gauge("broker_stream_subscribers",
+                              "Open server streams (key, secret and health watchers, reflection)", registry=r)
         self.reloads = Counter("broker_reloads", "Config reloads", ["result"], registry=r)
         self.vault_seconds = Histogram("broker_vault_request_duration_seconds", "Requests to Vault",
                                        ["method", "outcome"], registry=r,
