@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from http.server import HTTPServer
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, MetricsHandler
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, MetricsHandler, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -71,6 +71,10 @@ class Metrics:
 
     def serve(self, listen: str) -> None:
         """Serve /metrics on ``unix:/path`` or ``host:port`` (loopback only) in a daemon thread."""
+        # Process-wide, and this process serves only our registry. In the text format each counter's and
+        # histogram's creation time becomes a family of its own (a gauge named broker_mints_created): one
+        # more series per label set, which nobody graphs and which the README table would have to list.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
         handler = MetricsHandler.factory(self.registry)
         server: HTTPServer | socketserver.UnixStreamServer
         if listen.startswith("unix:"):
@@ -123,7 +127,9 @@ class FuncCollector(Collector):
         v = self._read()
         yield GaugeMetricFamily("broker_frontdoor_connections", "Client connections open on the public socket",
                                 value=v["connections"])
-        accepted = CounterMetricFamily("broker_frontdoor_connections", "Connections by outcome at accept",
+        # Not "broker_frontdoor_connections_total": that would be a second family named like the gauge
+        # above, which OpenMetrics parsers reject and Prometheus records as one metric of the wrong type.
+        accepted = CounterMetricFamily("broker_frontdoor_accepts", "Connections on the public socket by outcome",
                                        labels=["outcome"])
         accepted.add_metric(["accepted"], v["accepted"])
         accepted.add_metric(["refused"], v["refused"])
