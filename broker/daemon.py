@@ -147,8 +147,15 @@ class Daemon:
 
     async def run(self) -> None:
         b = self.config.broker
+        if self.config.metrics_listen:
+            # First: a metrics port or socket in use must stop the start before anything else exists.
+            self.metrics.bind(self.config.metrics_listen)
+        try:
+            listener, adopted = self._listener()
+        except BaseException:
+            self.metrics.close()
+            raise
         watchdog = asyncio.create_task(self._watchdog()) if systemd.watchdog_interval() else None
-        listener, adopted = self._listener()
         bound = None if adopted else file_identity(b.socket)
         # The gRPC server listens only inside a private 0700 directory: no one but us (and root)
         # can reach it, so every request it sees came through the front door.
@@ -180,7 +187,7 @@ class Daemon:
         await server.start()
         frontdoor.start()
         if self.config.metrics_listen:
-            self.metrics.serve(self.config.metrics_listen)
+            self.metrics.start()
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("ready socket=%s%s trust_domain=%s workflows=%d algorithm=%s kid=%s token_backend=%s "

@@ -6,7 +6,6 @@ names from the config (anything else is counted as ``_unknown``), fixed reason c
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socketserver
 import threading
@@ -17,6 +16,9 @@ from typing import Any, Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, MetricsHandler, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from broker.errors import BrokerError
+from broker.frontdoor import file_identity, remove_stale_socket, unlink_if_same
 
 UNKNOWN: Final = "_unknown"
 # Denial reasons are free text for the audit log; metrics get one of these categories.
@@ -53,6 +55,9 @@ class Metrics:
                                        ["method", "outcome"], registry=r,
                                        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, 1, 5))
         self._server: HTTPServer | socketserver.UnixStreamServer | None = None
+        self._thread: threading.Thread | None = None
+        self._path: str | None = None  # a Unix listener's file, removed at close if still ours
+        self._bound: tuple[int, int] | None = None
         # labels() validates and locks on every call; the mint path asks for the same few children.
         # Bounded: only (workflow, tool) pairs that passed policy get here.
         self._mint_children: dict[tuple[str, str], Counter] = {}
@@ -69,26 +74,46 @@ class Metrics:
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
 
-    def serve(self, listen: str) -> None:
-        """Serve /metrics on ``unix:/path`` or ``host:port`` (loopback only) in a daemon thread."""
+    def bind(self, listen: str) -> None:
+        """Claim ``unix:/path`` or ``host:port`` (loopback only) for /metrics; :meth:`start` serves it.
+
+        The daemon binds this before anything else, so that a clash leaves nothing behind. A Unix socket
+        path is claimed like the public socket: a stale file is replaced, a live one refused.
+        """
+        handler = MetricsHandler.factory(self.registry)
+        try:
+            if listen.startswith("unix:"):
+                path = listen[len("unix:"):]
+                remove_stale_socket(path)
+                self._server = _UnixHTTPServer(path, _unix_handler(handler))
+                self._path, self._bound = path, file_identity(path)
+            else:
+                host, _, port = listen.rpartition(":")
+                self._server = _QuietHTTPServer((host, int(port)), handler)
+        except OSError as exc:
+            raise BrokerError(f"metrics: cannot listen on {listen}: {exc.strerror}") from None
+        except BrokerError as exc:
+            raise BrokerError(f"metrics: {exc}") from None
+
+    def start(self) -> None:
+        """Serve the listener :meth:`bind` claimed, in a daemon thread."""
+        assert self._server is not None
         # Process-wide, and this process serves only our registry. In the text format each counter's and
         # histogram's creation time becomes a family of its own (a gauge named broker_mints_created): one
         # more series per label set, which nobody graphs and which the README table would have to list.
         disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
-        handler = MetricsHandler.factory(self.registry)
-        server: HTTPServer | socketserver.UnixStreamServer
-        if listen.startswith("unix:"):
-            server = _UnixHTTPServer(listen[len("unix:"):], _unix_handler(handler))
-        else:
-            host, _, port = listen.rpartition(":")
-            server = _QuietHTTPServer((host, int(port)), handler)
-        self._server = server
-        threading.Thread(target=server.serve_forever, name="broker-metrics", daemon=True).start()
+        self._thread = threading.Thread(target=self._server.serve_forever, name="broker-metrics", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        """Stop serving and release the listener (a Unix socket file only if it is still ours)."""
+        if self._server is None:
+            return
+        if self._thread is not None:
+            self._server.shutdown()  # waits for serve_forever, so only once it runs
+        self._server.server_close()
+        if self._path is not None:
+            unlink_if_same(self._path, self._bound)
 
 
 class _QuietHTTPServer(HTTPServer):
@@ -99,8 +124,6 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
     daemon_threads = True
 
     def __init__(self, path: str, handler: type[MetricsHandler]) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
         super().__init__(path, handler)
         os.chmod(path, 0o660)
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import subprocess
+import sys
 
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families as text_families
@@ -52,3 +55,59 @@ def test_scrape_parses_as_text_and_openmetrics_and_matches_the_readme(short_tmp:
     listed = readme_metrics()
     without_vault = {name: kind for name, (kind, meaning) in listed.items() if VAULT_ONLY not in meaning}
     assert exposed == without_vault, "README.md's metrics table and the daemon disagree"
+
+
+def _serve_once(cfg: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "broker", "serve", "--config", cfg], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def _config(directory: str, listen: str, name: str = "broker") -> str:
+    cfg = os.path.join(directory, f"{name}.toml")
+    with open(cfg, "w") as f:
+        f.write(config_text(directory, default_workflows(), socket=os.path.join(directory, f"{name}.sock"))
+                + f'\n[metrics]\nlisten = "{listen}"\n')
+    return cfg
+
+
+def test_a_metrics_port_in_use_stops_the_start_cleanly(short_tmp: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = _serve_once(_config(short_tmp, f"127.0.0.1:{port}"))
+    assert r.returncode == 1
+    # One line that says what and where, no traceback.
+    assert r.stderr == f"broker serve: metrics: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    # Nothing left behind: no public socket file, no internal socket directory. (The audit log is opened
+    # first, as the record of every start; it stays, empty.)
+    assert sorted(os.listdir(short_tmp)) == ["audit.jsonl", "broker.toml"]
+    assert os.path.getsize(os.path.join(short_tmp, "audit.jsonl")) == 0
+
+
+def test_a_second_daemon_does_not_take_a_live_metrics_socket(short_tmp: str) -> None:
+    metrics_sock = os.path.join(short_tmp, "metrics.sock")
+    first = _config(short_tmp, f"unix:{metrics_sock}", "first")
+    with running_daemon(first, os.path.join(short_tmp, "first.sock"), os.path.join(short_tmp, "audit.jsonl")):
+        r = _serve_once(_config(short_tmp, f"unix:{metrics_sock}", "second"))
+        assert r.returncode == 1
+        assert r.stderr == f"broker serve: metrics: {metrics_sock} is in use by a running broker; stop it first\n"
+        assert not os.path.exists(os.path.join(short_tmp, "second.sock"))
+        assert "broker_uptime_seconds" in scrape_metrics(metrics_sock)  # still the first daemon's
+    assert not os.path.exists(metrics_sock)  # removed at the first daemon's clean stop
+
+
+def test_a_stale_metrics_socket_is_replaced_and_a_file_is_not(short_tmp: str) -> None:
+    metrics_sock = os.path.join(short_tmp, "metrics.sock")
+    cfg = _config(short_tmp, f"unix:{metrics_sock}")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(metrics_sock)  # left behind by a crash: bound, nobody listening
+    stale.close()
+    with running_daemon(cfg, os.path.join(short_tmp, "broker.sock"), os.path.join(short_tmp, "audit.jsonl")):
+        assert "broker_uptime_seconds" in scrape_metrics(metrics_sock)
+    with open(metrics_sock, "w") as f:
+        f.write("not a socket\n")
+    r = _serve_once(cfg)
+    assert r.returncode == 1 and "exists and is not a socket" in r.stderr
+    with open(metrics_sock) as f:
+        assert f.read() == "not a socket\n"
