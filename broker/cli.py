@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from broker import config as config_mod
-from broker import logs
+from broker import logs, tokens
 from broker.client import Client, resolve_socket
 from broker.errors import BrokerError, ConfigError, InvalidToken
 
@@ -192,7 +192,17 @@ def _config_check(args: argparse.Namespace) -> int:
         return 1
     tools = sum(len(wf.tools) for wf in cfg.workflows.values())
     print(f"{args.file}: ok ({len(cfg.workflows)} workflows, {tools} tools, sha256 {cfg.sha256[:12]})")
+    print(f"{args.file}: {_algorithms(cfg.broker.algorithm)}")
     return 0
+
+
+def _algorithms(alg: str) -> str:
+    svid = tokens.svid_algorithm(alg)
+    if svid == alg:
+        return f"tool tokens and JWT-SVIDs are signed with {alg}"
+    return (f"tool tokens are signed with {alg}; JWT-SVIDs (SPIFFE Workload API) with a separate {svid} key, "
+            f"since the JWT-SVID standard allows no {alg}; the JWKS publishes both keys, SPIFFE bundles only "
+            f"the {svid} ones")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -120,7 +120,8 @@ class Daemon:
         self._started = clock()
         self._serving = False  # set once READY=1 was sent
         b = config.broker
-        self.ring = KeyRing(key_source or MemoryKeySource(), b.algorithm, b.rotate_every, _max_ttl(config), clock())
+        self.ring = KeyRing(key_source or MemoryKeySource(), b.algorithm, b.rotate_every, _max_ttl(config), clock(),
+                            svid_alg=tokens.svid_algorithm(b.algorithm))
         self.audit = AuditLog(b.audit_log, clock)
         self.metrics = Metrics()
         self._stop = asyncio.Event()

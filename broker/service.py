@@ -171,7 +171,9 @@ class Runtime:
             await asyncio.to_thread(exe_sha256, caller)
         return caller
 
-    def mint(self, grant: Grant, audience: tuple[str, ...], now: int) -> tuple[bytes, str, int]:
+    def mint(self, grant: Grant, audience: tuple[str, ...], now: int,
+             key: tokens.SigningKey | None = None) -> tuple[bytes, str, int]:
+        """Sign a token for ``grant`` with ``key``, by default the ring's current tool-token key."""
         cfg = self.config.broker
         jti = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()  # 128 random bits
         wf, tool = grant.workflow, grant.tool
@@ -181,9 +183,11 @@ class Runtime:
             tool=tool.name if tool else None, act=tool.actions if tool else (),
             dst=tool.destinations if tool else (),
         )
-        return tokens.mint(self.ring.current, claims), jti, claims.exp
+        return tokens.mint(key or self.ring.current, claims), jti, claims.exp
 
-    async def verify(self, token: str, audience: str, tool: str | None, now: int) -> tokens.Claims:
+    async def verify(self, token: str, audience: str, tool: str | None, now: int,
+                     algorithms: frozenset[str] | None = None) -> tokens.Claims:
+        """Verify ``token``; with ``algorithms``, also refuse any token signed with another algorithm."""
         expect = tokens.Expect(self.config.broker.trust_domain, audience, tool)
         raw = token.encode("ascii", "replace")
         try:
@@ -199,6 +203,10 @@ class Runtime:
             wf = self.config.workflows.get(claims.wf)
             if wf is None or (claims.tool is not None and claims.tool not in wf.tools):
                 raise InvalidToken("scope removed from the config")
+            # Read only now that the signature holds: the header is one we signed, and the engine made sure
+            # its alg is the alg of the key that verified it.
+            if algorithms is not None and _jws_alg(raw) not in algorithms:
+                raise InvalidToken("algorithm not allowed here")
         except InvalidToken:
             self.metrics.verifications.labels("invalid").inc()
             raise
@@ -216,6 +224,14 @@ class Runtime:
         if caller.uid not in (0, os.geteuid()):
             raise PermissionDenied(f"uid {caller.uid} is not an administrator")
         return caller
+
+
+def _jws_alg(token: bytes) -> str:
+    """The ``alg`` in the header of a JWS compact token whose signature was verified."""
+    header = token.split(b".", 1)[0]
+    alg = json.loads(base64.urlsafe_b64decode(header + b"=" * (-len(header) % 4)))["alg"]
+    assert isinstance(alg, str)  # the engine verified it against a key's alg
+    return alg
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, msg: str) -> NoReturn:
@@ -473,9 +489,11 @@ class WorkloadAPI(wl_grpc.SpiffeWorkloadAPIServicer):
         now = int(rt.clock())
         svids = []
         for wf in workflows:
-            token, jti, exp = rt.mint(Grant(wf, None, rt.config.broker.token_ttl), audience, now)
+            # The SVID key: with algorithm = "EdDSA" tool tokens are EdDSA, but a JWT-SVID never is.
+            key = rt.ring.svid_current
+            token, jti, exp = rt.mint(Grant(wf, None, rt.config.broker.token_ttl), audience, now, key)
             rt.audit.record("mint", workflow=wf.name, tool=None, audience=list(audience), **caller.audit_fields(),
-                            jti=jti, exp=exp, kid=rt.ring.current.kid, decision="allow", reason="svid")
+                            jti=jti, exp=exp, kid=key.kid, decision="allow", reason="svid")
             svids.append(wl.JWTSVID(spiffe_id=f"spiffe://{rt.config.broker.trust_domain}/workflow/{wf.name}",
                                     svid=token.decode("ascii")))
         return wl.JWTSVIDResponse(svids=svids)
@@ -485,7 +503,8 @@ class WorkloadAPI(wl_grpc.SpiffeWorkloadAPIServicer):
         await self._require_header(context)
         td = f"spiffe://{self._rt.config.broker.trust_domain}"
         last = ""
-        async for doc, _ in self._rt.trust_updates():
+        async for jwks, _ in self._rt.trust_updates():
+            doc = _svid_bundle(jwks)
             if doc != last:  # SPIFFE bundles carry keys only; revocations alone are no news here
                 last = doc
                 yield wl.JWTBundlesResponse(bundles={td: doc.encode()})
@@ -497,10 +516,18 @@ class WorkloadAPI(wl_grpc.SpiffeWorkloadAPIServicer):
         if not request.svid or not _name_ok(request.audience):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "svid and audience must be specified")
         try:
-            claims = await self._rt.verify(request.svid, request.audience, None, int(self._rt.clock()))
+            claims = await self._rt.verify(request.svid, request.audience, None, int(self._rt.clock()),
+                                           algorithms=tokens.JWT_SVID_ALGORITHMS)
         except InvalidToken as exc:
             self._rt.audit.record("verify", audience=request.audience, decision="deny", reason=exc.reason)
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"could not validate JWT-SVID: {exc.reason}")
         st = struct_pb2.Struct()
         st.update(claims.to_json_dict())
         return wl.ValidateJWTSVIDResponse(spiffe_id=claims.sub, claims=st)
+
+
+def _svid_bundle(jwks: str) -> str:
+    """The JWKS as a SPIFFE JWT bundle: only keys that may sign JWT-SVIDs (no EdDSA tool-token keys)."""
+    doc = json.loads(jwks)
+    doc["keys"] = [k for k in doc["keys"] if k.get("alg") in tokens.JWT_SVID_ALGORITHMS]
+    return json.dumps(doc, separators=(",", ":"))
