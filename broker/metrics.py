@@ -10,7 +10,7 @@ import os
 import socketserver
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from http.server import HTTPServer
+from http.server import HTTPServer, ThreadingHTTPServer
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, MetricsHandler, disable_created_metrics
@@ -21,6 +21,8 @@ from broker.errors import BrokerError
 from broker.frontdoor import file_identity, remove_stale_socket, unlink_if_same
 
 UNKNOWN: Final = "_unknown"
+# Seconds a scrape connection may sit idle before it is closed: bounds the threads idle clients can hold.
+SCRAPE_TIMEOUT: Final = 10.0
 # Denial reasons are free text for the audit log; metrics get one of these categories.
 DENIAL_CATEGORIES: Final = (
     ("unknown workflow", "unknown_workflow"),
@@ -89,7 +91,7 @@ class Metrics:
                 self._path, self._bound = path, file_identity(path)
             else:
                 host, _, port = listen.rpartition(":")
-                self._server = _QuietHTTPServer((host, int(port)), handler)
+                self._server = _QuietHTTPServer((host, int(port)), _tcp_handler(handler))
         except OSError as exc:
             raise BrokerError(f"metrics: cannot listen on {listen}: {exc.strerror}") from None
         except BrokerError as exc:
@@ -116,7 +118,9 @@ class Metrics:
             unlink_if_same(self._path, self._bound)
 
 
-class _QuietHTTPServer(HTTPServer):
+class _QuietHTTPServer(ThreadingHTTPServer):
+    # A thread per connection: any local user may connect to a loopback port, and one who sends nothing
+    # must not stall everyone else's scrapes (a plain HTTPServer serves one connection at a time).
     daemon_threads = True
 
 
@@ -128,8 +132,17 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
         os.chmod(path, 0o660)
 
 
+def _tcp_handler(base: type[MetricsHandler]) -> type[MetricsHandler]:
+    class Handler(base):  # type: ignore[valid-type,misc]
+        timeout = SCRAPE_TIMEOUT
+
+    return Handler
+
+
 def _unix_handler(base: type[MetricsHandler]) -> type[MetricsHandler]:
     class Handler(base):  # type: ignore[valid-type,misc]
+        timeout = SCRAPE_TIMEOUT
+
         # A Unix peer has no (host, port): give the logging and CGI-ish code something to print.
         def address_string(self) -> str:
             return "unix"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import socket
@@ -12,7 +13,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as text_families
 
 from broker.client import Client
-from broker.testing import config_text, running_daemon, scrape_metrics
+from broker.testing import config_text, free_port, running_daemon, scrape_metrics
 from tests.conftest import default_workflows
 
 README = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
@@ -111,3 +112,18 @@ def test_a_stale_metrics_socket_is_replaced_and_a_file_is_not(short_tmp: str) ->
     assert r.returncode == 1 and "exists and is not a socket" in r.stderr
     with open(metrics_sock) as f:
         assert f.read() == "not a socket\n"
+
+
+def test_an_idle_connection_does_not_block_scrapes(short_tmp: str) -> None:
+    # Any local user can connect to a loopback port: one who connects and sends nothing must not stall
+    # the scrapes of everyone else.
+    port = free_port()
+    cfg = _config(short_tmp, f"127.0.0.1:{port}")
+    with running_daemon(cfg, os.path.join(short_tmp, "broker.sock"), os.path.join(short_tmp, "audit.jsonl")), \
+            socket.create_connection(("127.0.0.1", port)):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request("GET", "/metrics")
+            assert "broker_uptime_seconds" in conn.getresponse().read().decode()
+        finally:
+            conn.close()
