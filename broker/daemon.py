@@ -173,12 +173,17 @@ class Daemon:
             **({"vault_leases": self._vault.secrets.leases, "vault_degraded": int(bool(self._vault.degraded()))}
                if self._vault else {})}))
         health_servicer = HealthServicer()
-        broker_pb2_grpc.add_BrokerServicer_to_server(BrokerService(rt, self), server)
-        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(WorkloadAPI(rt), server)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
+        served = (
+            (broker_pb2_grpc.add_BrokerServicer_to_server, BrokerService(rt, self), SERVICE_NAMES[0]),
+            (workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server, WorkloadAPI(rt), SERVICE_NAMES[1]),
+            (health_pb2_grpc.add_HealthServicer_to_server, health_servicer,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+        )
+        for add, servicer, _ in served:
+            add(servicer, server)
+        # Reflection lists what is registered, from the same table: clients (and tests/test_every_rpc.py,
+        # which calls every RPC reflection names) see every service the server has.
+        reflection.enable_server_reflection((*(name for _, _, name in served), reflection.SERVICE_NAME), server)
         vault_entry = (VAULT_HEALTH_SERVICE,) if self.config.vault else ()
         for name in ("", *SERVICE_NAMES, *vault_entry):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
