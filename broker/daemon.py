@@ -67,6 +67,11 @@ RESTART_ONLY: Final = ("trust_domain", "socket", "algorithm", "rotate_every", "m
                        "max_connections_per_uid", "audit_log")
 
 
+# The gRPC server's socket: <directory of broker.socket>/<prefix + 8 random characters>/<socket name>.
+INTERNAL_DIR_PREFIX: Final = ".broker-internal-"
+INTERNAL_SOCKET: Final = "grpc.sock"
+UNIX_PATH_MAX: Final = 107  # bytes in sun_path, without the terminating NUL
+
 VAULT_HEALTH_SERVICE: Final = "broker.vault"
 VAULT_HEALTH_EVERY: Final = 2.0
 
@@ -148,6 +153,7 @@ class Daemon:
 
     async def run(self) -> None:
         b = self.config.broker
+        _check_internal_path(b.socket)
         if self.config.metrics_listen:
             # First: a metrics port or socket in use must stop the start before anything else exists.
             self.metrics.bind(self.config.metrics_listen)
@@ -160,8 +166,8 @@ class Daemon:
         bound = None if adopted else file_identity(b.socket)
         # The gRPC server listens only inside a private 0700 directory: no one but us (and root)
         # can reach it, so every request it sees came through the front door.
-        internal_dir = tempfile.mkdtemp(prefix=".broker-internal-", dir=os.path.dirname(b.socket) or None)
-        internal = os.path.join(internal_dir, "grpc.sock")
+        internal_dir = tempfile.mkdtemp(prefix=INTERNAL_DIR_PREFIX, dir=os.path.dirname(b.socket) or None)
+        internal = os.path.join(internal_dir, INTERNAL_SOCKET)
         frontdoor = self._frontdoor = FrontDoor(listener, internal, b.max_connections, b.max_connections_per_uid)
         server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=4096,
                                  interceptors=[Instrument(self.metrics, frontdoor)])
@@ -391,6 +397,17 @@ def _secret_specs(config: Config) -> dict[tuple[str, str], object]:
     # Only additions and changes need a restart; a removed workflow's secrets are revoked on reload.
     return {(wf.name, t.name): t.secret for wf in config.workflows.values() for t in wf.tools.values()
             if t.secret is not None}
+
+
+def _check_internal_path(public: str) -> None:
+    """Refuse, before binding anything, a socket directory too long for the internal socket inside it."""
+    directory = os.path.dirname(public)
+    # mkdtemp adds 8 random characters to the prefix.
+    internal = os.path.join(directory, INTERNAL_DIR_PREFIX + "x" * 8, INTERNAL_SOCKET)
+    if len(os.fsencode(internal)) > UNIX_PATH_MAX:
+        room = UNIX_PATH_MAX - (len(os.fsencode(internal)) - len(os.fsencode(directory)))
+        raise BrokerError(f"broker.socket: the daemon's internal socket in {directory} would pass the "
+                          f"{UNIX_PATH_MAX}-byte limit of Unix socket paths; use a directory of at most {room} bytes")
 
 
 def _raise_fd_limit(max_connections: int) -> None:

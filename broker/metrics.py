@@ -93,7 +93,8 @@ class Metrics:
                 host, _, port = listen.rpartition(":")
                 self._server = _QuietHTTPServer((host, int(port)), _tcp_handler(handler))
         except OSError as exc:
-            raise BrokerError(f"metrics: cannot listen on {listen}: {exc.strerror}") from None
+            # A path too long for a Unix socket is an OSError without an errno, hence without strerror.
+            raise BrokerError(f"metrics: cannot listen on {listen}: {exc.strerror or exc}") from None
         except BrokerError as exc:
             raise BrokerError(f"metrics: {exc}") from None
 

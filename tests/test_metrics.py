@@ -127,3 +127,11 @@ def test_an_idle_connection_does_not_block_scrapes(short_tmp: str) -> None:
             assert "broker_uptime_seconds" in conn.getresponse().read().decode()
         finally:
             conn.close()
+
+
+def test_a_metrics_socket_path_too_long_stops_the_start_cleanly(short_tmp: str) -> None:
+    listen = "unix:" + os.path.join(short_tmp, "m" * 120)
+    r = _serve_once(_config(short_tmp, listen))
+    assert r.returncode == 1
+    assert r.stderr == f"broker serve: metrics: cannot listen on {listen}: AF_UNIX path too long\n"
+    assert sorted(os.listdir(short_tmp)) == ["audit.jsonl", "broker.toml"]
