@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import http.client
 import os
+import queue
 import re
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families as text_families
 
 from broker.client import Client
 from broker.testing import config_text, free_port, running_daemon, scrape_metrics
+from broker.v1 import broker_pb2 as pb
+from broker.v1 import broker_pb2_grpc as pb_grpc
 from tests.conftest import default_workflows
 
 README = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
@@ -135,3 +142,31 @@ def test_a_metrics_socket_path_too_long_stops_the_start_cleanly(short_tmp: str) 
     assert r.returncode == 1
     assert r.stderr == f"broker serve: metrics: cannot listen on {listen}: AF_UNIX path too long\n"
     assert sorted(os.listdir(short_tmp)) == ["audit.jsonl", "broker.toml"]
+
+
+def test_open_streams_are_counted_whatever_kind_their_handler_is(short_tmp: str) -> None:
+    """Async-generator handlers (WatchJWKS), writer coroutines (health Watch) and a bidirectional stream
+    (reflection) each hold one stream slot: the gauge counts all three while they are open."""
+    metrics_sock = os.path.join(short_tmp, "metrics.sock")
+    cfg = _config(short_tmp, f"unix:{metrics_sock}")
+    sock = os.path.join(short_tmp, "broker.sock")
+    requests: queue.Queue[reflection_pb2.ServerReflectionRequest | None] = queue.Queue()
+
+    def reflection_requests() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+        while (r := requests.get()) is not None:
+            yield r
+
+    with running_daemon(cfg, sock, os.path.join(short_tmp, "audit.jsonl")), \
+            grpc.insecure_channel(f"unix:{sock}") as ch:
+        jwks = pb_grpc.BrokerStub(ch).WatchJWKS(pb.GetJWKSRequest(), timeout=30)
+        health = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+        reflect = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(reflection_requests(), timeout=30)
+        requests.put(reflection_pb2.ServerReflectionRequest(list_services=""))
+        for stream in (jwks, health, reflect):
+            next(stream)  # its handler runs, inside its slot
+        try:
+            assert "broker_stream_subscribers 3.0" in scrape_metrics(metrics_sock).splitlines()
+        finally:
+            requests.put(None)
+            jwks.cancel()
+            health.cancel()
