@@ -384,7 +384,9 @@ class Daemon:
             "token_backend": tokens.BACKEND, "pump_backend": _pump.BACKEND,
             "trust_domain": self.config.broker.trust_domain, "config_sha256": self.config.sha256,
             "workflows": sorted(self.config.workflows),
-            "keys": {"current": self.ring.current.kid, "published": sorted(self.ring.verify_keys),
+            # svid_current differs from current when tool tokens use an algorithm JWT-SVIDs may not.
+            "keys": {"current": self.ring.current.kid, "svid_current": self.ring.svid_current.kid,
+                     "published": sorted(self.ring.verify_keys),
                      "current_age_seconds": round(now - self.ring.rotated_at, 1)},
             "mints": int(mints), "denials": int(denials),
             "connections": fd.connections if fd else 0,

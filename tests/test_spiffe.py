@@ -112,8 +112,11 @@ def test_with_eddsa_tool_tokens_svids_stay_es256_for_the_spiffe_package(eddsa_da
         svid = wl_grpc.SpiffeWorkloadAPIStub(ch).FetchJWTSVID(wl.JWTSVIDRequest(audience=["crm"]), metadata=HEADER,
                                                               timeout=5).svids[0].svid
         jwks = json.loads(broker.GetJWKS(pb.GetJWKSRequest(), timeout=5).jwks_json)
+        keys = json.loads(broker.Status(pb.StatusRequest(), timeout=5).status_json)["keys"]
     assert jwt.get_unverified_header(tool_token)["alg"] == "EdDSA"  # tool tokens keep what the config says
     assert jwt.get_unverified_header(svid)["alg"] == "ES256"
+    assert (keys["current"], keys["svid_current"]) == (jwt.get_unverified_header(tool_token)["kid"],
+                                                       jwt.get_unverified_header(svid)["kid"])
     # Tool servers verify both kinds with the one JWKS.
     assert sorted(k["alg"] for k in jwks["keys"]) == ["ES256", "ES256", "EdDSA", "EdDSA"]
 
