@@ -11,6 +11,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -183,7 +184,7 @@ class Runtime:
             tool=tool.name if tool else None, act=tool.actions if tool else (),
             dst=tool.destinations if tool else (),
         )
-        return tokens.mint(key or self.ring.current, claims), jti, claims.exp
+        return tokens.mint(self.ring.current if key is None else key, claims), jti, claims.exp
 
     async def verify(self, token: str, audience: str, tool: str | None, now: int,
                      algorithms: frozenset[str] | None = None) -> tokens.Claims:
@@ -526,6 +527,8 @@ class WorkloadAPI(wl_grpc.SpiffeWorkloadAPIServicer):
         return wl.ValidateJWTSVIDResponse(spiffe_id=claims.sub, claims=st)
 
 
+# Every open bundle stream asks on every key or revocation change, mostly for the same JWKS.
+@functools.lru_cache(maxsize=8)
 def _svid_bundle(jwks: str) -> str:
     """The JWKS as a SPIFFE JWT bundle: only keys that may sign JWT-SVIDs (no EdDSA tool-token keys)."""
     doc = json.loads(jwks)
