@@ -154,60 +154,69 @@ class Daemon:
     async def run(self) -> None:
         b = self.config.broker
         _check_internal_path(b.socket)
-        if self.config.metrics_listen:
-            # First: a metrics port or socket in use must stop the start before anything else exists.
-            self.metrics.bind(self.config.metrics_listen)
-        try:
+        # Until it serves, a failed start undoes what it made (socket files, the internal directory, Vault
+        # leases), so that nothing is left behind; from then on the shutdown below does that.
+        async with contextlib.AsyncExitStack() as undo:
+            if self.config.metrics_listen:
+                # First: a metrics port or socket in use must stop the start before anything else exists.
+                self.metrics.bind(self.config.metrics_listen)
+                undo.callback(self.metrics.close)
             listener, adopted = self._listener()
-        except BaseException:
-            self.metrics.close()
-            raise
-        watchdog = asyncio.create_task(self._watchdog()) if systemd.watchdog_interval() else None
-        bound = None if adopted else file_identity(b.socket)
-        # The gRPC server listens only inside a private 0700 directory: no one but us (and root)
-        # can reach it, so every request it sees came through the front door.
-        internal_dir = tempfile.mkdtemp(prefix=INTERNAL_DIR_PREFIX, dir=os.path.dirname(b.socket) or None)
-        internal = os.path.join(internal_dir, INTERNAL_SOCKET)
-        frontdoor = self._frontdoor = FrontDoor(listener, internal, b.max_connections, b.max_connections_per_uid)
-        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=4096,
-                                 interceptors=[Instrument(self.metrics, frontdoor)])
-        rt = self._rt = Runtime(self.config, self.ring, self.audit, frontdoor, self._clock, metrics=self.metrics)
-        self.metrics.add_collector(FuncCollector(lambda: {
-            "connections": frontdoor.connections, "accepted": frontdoor.accepted, "refused": frontdoor.refused,
-            "key_ages": self.ring.key_ages(self._clock()), "revoked": len(rt.revoked),
-            "uptime": self._clock() - self._started,
-            **({"vault_leases": self._vault.secrets.leases, "vault_degraded": int(bool(self._vault.degraded()))}
-               if self._vault else {})}))
-        health_servicer = HealthServicer()
-        served = (
-            (broker_pb2_grpc.add_BrokerServicer_to_server, BrokerService(rt, self), SERVICE_NAMES[0]),
-            (workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server, WorkloadAPI(rt), SERVICE_NAMES[1]),
-            (health_pb2_grpc.add_HealthServicer_to_server, health_servicer,
-             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
-        )
-        for add, servicer, _ in served:
-            add(servicer, server)
-        # Reflection lists what is registered, from the same table: clients (and tests/test_every_rpc.py,
-        # which calls every RPC reflection names) see every service the server has.
-        reflection.enable_server_reflection((*(name for _, _, name in served), reflection.SERVICE_NAME), server)
-        vault_entry = (VAULT_HEALTH_SERVICE,) if self.config.vault else ()
-        for name in ("", *SERVICE_NAMES, *vault_entry):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.config.vault is not None:
-            self._vault = await self._start_vault(rt)
-        server.add_insecure_port(f"unix:{internal}")
-        await server.start()
-        frontdoor.start()
-        if self.config.metrics_listen:
-            self.metrics.start()
-        for name in ("", *SERVICE_NAMES):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("ready socket=%s%s trust_domain=%s workflows=%d algorithm=%s kid=%s token_backend=%s "
-                 "pump_backend=%s metrics=%s", b.socket, " (socket-activated)" if adopted else "",
-                 b.trust_domain, len(self.config.workflows), b.algorithm, self.ring.current.kid, tokens.BACKEND,
-                 _pump.BACKEND, self.config.metrics_listen or "off")
-        systemd.notify(f"READY=1\nSTATUS=serving {len(self.config.workflows)} workflows")
-        self._serving = True
+            bound = None if adopted else file_identity(b.socket)
+            undo.callback(unlink_if_same, b.socket, bound)
+            undo.callback(listener.close)
+            watchdog = asyncio.create_task(self._watchdog()) if systemd.watchdog_interval() else None
+            if watchdog is not None:
+                undo.callback(watchdog.cancel)
+            # The gRPC server listens only inside a private 0700 directory: no one but us (and root)
+            # can reach it, so every request it sees came through the front door.
+            internal_dir = tempfile.mkdtemp(prefix=INTERNAL_DIR_PREFIX, dir=os.path.dirname(b.socket) or None)
+            undo.callback(shutil.rmtree, internal_dir, ignore_errors=True)
+            internal = os.path.join(internal_dir, INTERNAL_SOCKET)
+            frontdoor = self._frontdoor = FrontDoor(listener, internal, b.max_connections, b.max_connections_per_uid)
+            server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=4096,
+                                     interceptors=[Instrument(self.metrics, frontdoor)])
+            rt = self._rt = Runtime(self.config, self.ring, self.audit, frontdoor, self._clock, metrics=self.metrics)
+            self.metrics.add_collector(FuncCollector(lambda: {
+                "connections": frontdoor.connections, "accepted": frontdoor.accepted, "refused": frontdoor.refused,
+                "key_ages": self.ring.key_ages(self._clock()), "revoked": len(rt.revoked),
+                "uptime": self._clock() - self._started,
+                **({"vault_leases": self._vault.secrets.leases, "vault_degraded": int(bool(self._vault.degraded()))}
+                   if self._vault else {})}))
+            health_servicer = HealthServicer()
+            served = (
+                (broker_pb2_grpc.add_BrokerServicer_to_server, BrokerService(rt, self), SERVICE_NAMES[0]),
+                (workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server, WorkloadAPI(rt), SERVICE_NAMES[1]),
+                (health_pb2_grpc.add_HealthServicer_to_server, health_servicer,
+                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+            )
+            for add, servicer, _ in served:
+                add(servicer, server)
+            # Reflection lists what is registered, from the same table: clients (and tests/test_every_rpc.py,
+            # which calls every RPC reflection names) see every service the server has.
+            reflection.enable_server_reflection((*(name for _, _, name in served), reflection.SERVICE_NAME), server)
+            vault_entry = (VAULT_HEALTH_SERVICE,) if self.config.vault else ()
+            for name in ("", *SERVICE_NAMES, *vault_entry):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            if self.config.vault is not None:
+                self._vault = await self._start_vault(rt)
+                undo.push_async_callback(self._vault.close)  # its leases and token end with a failed start
+            server.add_insecure_port(f"unix:{internal}")
+            await server.start()
+            undo.push_async_callback(server.stop, None)
+            frontdoor.start()
+            undo.callback(frontdoor.close)
+            if self.config.metrics_listen:
+                self.metrics.start()
+            for name in ("", *SERVICE_NAMES):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            log.info("ready socket=%s%s trust_domain=%s workflows=%d algorithm=%s kid=%s token_backend=%s "
+                     "pump_backend=%s metrics=%s", b.socket, " (socket-activated)" if adopted else "",
+                     b.trust_domain, len(self.config.workflows), b.algorithm, self.ring.current.kid, tokens.BACKEND,
+                     _pump.BACKEND, self.config.metrics_listen or "off")
+            systemd.notify(f"READY=1\nSTATUS=serving {len(self.config.workflows)} workflows")
+            self._serving = True
+            undo.pop_all()  # serving: the shutdown below owns all of it now
         rotation = asyncio.create_task(self._rotate(rt))
         vault_health = asyncio.create_task(self._watch_vault(health_servicer)) if self._vault else None
         try:
