@@ -12,12 +12,14 @@ import sys
 from collections.abc import Iterator
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families as text_families
 
 from broker.client import Client
+from broker.errors import PermissionDenied
 from broker.testing import config_text, free_port, running_daemon, scrape_metrics
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc as pb_grpc
@@ -28,13 +30,13 @@ OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 VAULT_ONLY = "with `[vault]` only"
 
 
-def readme_metrics() -> dict[str, tuple[str, str]]:
-    """README's metrics table: exposed name -> (type, meaning)."""
+def readme_metrics() -> dict[str, tuple[str, frozenset[str], str]]:
+    """README's metrics table: exposed name -> (type, label names, meaning)."""
     with open(README) as f:
-        rows = re.findall(r"^\s*\| `(broker_\w+)` \| (\w+) \|[^|]*\| (.*) \|$", f.read(), re.MULTILINE)
-    names = [name for name, _, _ in rows]
+        rows = re.findall(r"^\s*\| `(broker_\w+)` \| (\w+) \|([^|]*)\| (.*) \|$", f.read(), re.MULTILINE)
+    names = [name for name, _, _, _ in rows]
     assert len(names) == len(set(names)), "a metric listed twice"
-    return {name: (kind, meaning) for name, kind, meaning in rows}
+    return {name: (kind, frozenset(re.findall(r"`(\w+)`", labels)), meaning) for name, kind, labels, meaning in rows}
 
 
 def exposed_name(family: str, kind: str) -> str:
@@ -49,7 +51,11 @@ def test_scrape_parses_as_text_and_openmetrics_and_matches_the_readme(short_tmp:
         f.write(config_text(short_tmp, default_workflows()) + f'\n[metrics]\nlisten = "unix:{metrics_sock}"\n')
     sock = os.path.join(short_tmp, "broker.sock")
     with running_daemon(cfg, sock, os.path.join(short_tmp, "audit.jsonl")), Client(sock) as c:
-        c.mint("support-summarize", "read_ticket")  # a connection is open while we scrape
+        # Give the labelled families samples, so that their labels can be checked too.
+        c.verify(c.mint("support-summarize", "read_ticket").token, "read_ticket")  # a connection stays open
+        with pytest.raises(PermissionDenied):
+            c.mint("support-summarize", "no-such-tool")
+        c.reload()
         text = scrape_metrics(metrics_sock)
         openmetrics = scrape_metrics(metrics_sock, accept=OPENMETRICS)
     assert openmetrics.endswith("# EOF\n")  # the OpenMetrics encoder answered, not the text one
@@ -61,8 +67,12 @@ def test_scrape_parses_as_text_and_openmetrics_and_matches_the_readme(short_tmp:
     assert by_text["broker_frontdoor_accepts"] == "counter"
     exposed = {exposed_name(name, kind): kind for name, kind in by_text.items()}
     listed = readme_metrics()
-    without_vault = {name: kind for name, (kind, meaning) in listed.items() if VAULT_ONLY not in meaning}
+    without_vault = {name: kind for name, (kind, _, meaning) in listed.items() if VAULT_ONLY not in meaning}
     assert exposed == without_vault, "README.md's metrics table and the daemon disagree"
+    labels = {exposed_name(f.name, f.type): {k for x in f.samples for k in x.labels} - {"le"}
+              for f in text_families(text) if f.samples}
+    assert set(labels) == set(without_vault) - {"broker_vault_request_duration_seconds"}  # no Vault, no samples
+    assert labels == {name: listed[name][1] for name in labels}, "README.md lists other labels"
 
 
 def _serve_once(cfg: str) -> subprocess.CompletedProcess[str]:
