@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Final
 
-from broker import __version__, logs
+from broker import __version__, logs, tokens
 from broker import config as config_mod
 from broker.client import Client, resolve_socket
 from broker.errors import BrokerError, ConfigError, InvalidToken, Refused
@@ -262,7 +262,17 @@ def _config_check(args: argparse.Namespace) -> int:
     tools = sum(len(wf.tools) for wf in cfg.workflows.values())
     print(f"{args.file}: ok ({_plural(len(cfg.workflows), 'workflow')}, {_plural(tools, 'tool')}, "
           f"sha256 {cfg.sha256[:12]})")
+    print(f"{args.file}: {_algorithms(cfg.broker.algorithm)}")
     return 0
+
+
+def _algorithms(alg: str) -> str:
+    svid = tokens.svid_algorithm(alg)
+    if svid == alg:
+        return f"tool tokens and JWT-SVIDs are signed with {alg}"
+    return (f"tool tokens are signed with {alg}; JWT-SVIDs (SPIFFE Workload API) with a separate {svid} key, "
+            f"since the JWT-SVID standard allows no {alg}; the JWKS publishes both keys, SPIFFE bundles only "
+            f"the {svid} ones")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import grpc
 import uvloop
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from broker import _nocore, _pump, systemd, tokens
@@ -34,6 +34,7 @@ from broker.audit import DENIAL_WINDOW, AuditLog
 from broker.config import Config
 from broker.errors import BrokerError, ConfigError
 from broker.frontdoor import FrontDoor, bind_public, file_identity, unlink_if_same
+from broker.health import HealthServicer
 from broker.instrument import Instrument
 from broker.keyring import KeyRing, KeySource, MemoryKeySource
 from broker.metrics import FuncCollector, Metrics
@@ -85,6 +86,11 @@ RESTART_ONLY: Final = ("trust_domain", "socket", "algorithm", "rotate_every", "m
 
 # How often freed heap is handed back to the kernel (see Daemon._trim_memory).
 MEMORY_TRIM_EVERY: Final = 10.0
+# The gRPC server's socket: <directory of broker.socket>/<prefix + 8 random characters>/<socket name>.
+INTERNAL_DIR_PREFIX: Final = ".broker-internal-"
+INTERNAL_SOCKET: Final = "grpc.sock"
+UNIX_PATH_MAX: Final = 107  # bytes in sun_path, without the terminating NUL
+
 VAULT_HEALTH_SERVICE: Final = "broker.vault"
 VAULT_HEALTH_EVERY: Final = 2.0
 
@@ -138,7 +144,8 @@ class Daemon:
         self._started = clock()
         self._serving = False  # set once READY=1 was sent
         b = config.broker
-        self.ring = KeyRing(key_source or MemoryKeySource(), b.algorithm, b.rotate_every, _max_ttl(config), clock())
+        self.ring = KeyRing(key_source or MemoryKeySource(), b.algorithm, b.rotate_every, _max_ttl(config), clock(),
+                            svid_alg=tokens.svid_algorithm(b.algorithm))
         self.audit = AuditLog(b.audit_log, clock)
         self.metrics = Metrics()
         self._stop = asyncio.Event()
@@ -165,50 +172,72 @@ class Daemon:
 
     async def run(self) -> None:
         b = self.config.broker
-        watchdog = asyncio.create_task(self._watchdog()) if systemd.watchdog_interval() else None
-        listener, adopted = self._listener()
-        bound = None if adopted else file_identity(b.socket)
-        # The gRPC server listens only inside a private 0700 directory: no one but us (and root)
-        # can reach it, so every request it sees came through the front door.
-        internal_dir = tempfile.mkdtemp(prefix=".broker-internal-", dir=os.path.dirname(b.socket) or None)
-        internal = os.path.join(internal_dir, "grpc.sock")
-        frontdoor = self._frontdoor = FrontDoor(listener, internal, b.max_connections, b.max_connections_per_uid)
-        # No maximum_concurrent_rpcs: grpc.aio's global limit refuses calls before any interceptor
-        # knows their caller, so one uid could fill it for everyone. Instrument limits per uid first,
-        # then in total.
-        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[Instrument(self.metrics, frontdoor)])
-        rt = self._rt = Runtime(self.config, self.ring, self.audit, frontdoor, self._clock, metrics=self.metrics)
-        self.metrics.add_collector(FuncCollector(lambda: {
-            "connections": frontdoor.connections, "accepted": frontdoor.accepted, "refused": frontdoor.refused,
-            "key_ages": self.ring.key_ages(self._clock()), "revoked": len(rt.revoked),
-            "uptime": self._clock() - self._started,
-            **({"vault_leases": self._vault.secrets.leases, "vault_degraded": int(bool(self._vault.degraded()))}
-               if self._vault else {})}))
-        health_servicer = health.aio.HealthServicer()
-        broker_pb2_grpc.add_BrokerServicer_to_server(BrokerService(rt, self), server)
-        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(WorkloadAPI(rt), server)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
-        vault_entry = (VAULT_HEALTH_SERVICE,) if self.config.vault else ()
-        for name in ("", *SERVICE_NAMES, *vault_entry):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.config.vault is not None:
-            self._vault = await self._start_vault(rt)
-        server.add_insecure_port(f"unix:{internal}")
-        await server.start()
-        frontdoor.start()
-        if self.config.metrics_listen:
-            self.metrics.serve(self.config.metrics_listen)
-        for name in ("", *SERVICE_NAMES):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("ready socket=%s%s trust_domain=%s workflows=%d algorithm=%s kid=%s token_backend=%s "
-                 "pump_backend=%s metrics=%s", b.socket, " (socket-activated)" if adopted else "",
-                 b.trust_domain, len(self.config.workflows), b.algorithm, self.ring.current.kid, tokens.BACKEND,
-                 _pump.BACKEND, self.config.metrics_listen or "off")
-        systemd.notify(f"READY=1\nSTATUS=serving {len(self.config.workflows)} workflows")
-        self._serving = True
+        _check_internal_path(b.socket)
+        # Until it serves, a failed start undoes what it made (socket files, the internal directory, Vault
+        # leases), so that nothing is left behind; from then on the shutdown below does that.
+        async with contextlib.AsyncExitStack() as undo:
+            if self.config.metrics_listen:
+                # First: a metrics port or socket in use must stop the start before anything else exists.
+                self.metrics.bind(self.config.metrics_listen)
+                undo.callback(self.metrics.close)
+            listener, adopted = self._listener()
+            bound = None if adopted else file_identity(b.socket)
+            undo.callback(unlink_if_same, b.socket, bound)
+            undo.callback(listener.close)
+            watchdog = asyncio.create_task(self._watchdog()) if systemd.watchdog_interval() else None
+            if watchdog is not None:
+                undo.callback(watchdog.cancel)
+            # The gRPC server listens only inside a private 0700 directory: no one but us (and root)
+            # can reach it, so every request it sees came through the front door.
+            internal_dir = tempfile.mkdtemp(prefix=INTERNAL_DIR_PREFIX, dir=os.path.dirname(b.socket) or None)
+            undo.callback(shutil.rmtree, internal_dir, ignore_errors=True)
+            internal = os.path.join(internal_dir, INTERNAL_SOCKET)
+            frontdoor = self._frontdoor = FrontDoor(listener, internal, b.max_connections, b.max_connections_per_uid)
+            # No maximum_concurrent_rpcs: grpc.aio's global limit refuses calls before any interceptor
+            # knows their caller, so one uid could fill it for everyone. Instrument limits per uid first,
+            # then in total.
+            server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[Instrument(self.metrics, frontdoor)])
+            rt = self._rt = Runtime(self.config, self.ring, self.audit, frontdoor, self._clock, metrics=self.metrics)
+            self.metrics.add_collector(FuncCollector(lambda: {
+                "connections": frontdoor.connections, "accepted": frontdoor.accepted, "refused": frontdoor.refused,
+                "key_ages": self.ring.key_ages(self._clock()), "revoked": len(rt.revoked),
+                "uptime": self._clock() - self._started,
+                **({"vault_leases": self._vault.secrets.leases, "vault_degraded": int(bool(self._vault.degraded()))}
+                   if self._vault else {})}))
+            health_servicer = HealthServicer()
+            served = (
+                (broker_pb2_grpc.add_BrokerServicer_to_server, BrokerService(rt, self), SERVICE_NAMES[0]),
+                (workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server, WorkloadAPI(rt), SERVICE_NAMES[1]),
+                (health_pb2_grpc.add_HealthServicer_to_server, health_servicer,
+                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+            )
+            for add, servicer, _ in served:
+                add(servicer, server)
+            # Reflection lists what is registered, from the same table: clients (and tests/test_every_rpc.py,
+            # which calls every RPC reflection names) see every service the server has.
+            reflection.enable_server_reflection((*(name for _, _, name in served), reflection.SERVICE_NAME), server)
+            vault_entry = (VAULT_HEALTH_SERVICE,) if self.config.vault else ()
+            for name in ("", *SERVICE_NAMES, *vault_entry):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            if self.config.vault is not None:
+                self._vault = await self._start_vault(rt)
+                undo.push_async_callback(self._vault.close)  # its leases and token end with a failed start
+            server.add_insecure_port(f"unix:{internal}")
+            await server.start()
+            undo.push_async_callback(server.stop, None)
+            frontdoor.start()
+            undo.callback(frontdoor.close)
+            if self.config.metrics_listen:
+                self.metrics.start()
+            for name in ("", *SERVICE_NAMES):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            log.info("ready socket=%s%s trust_domain=%s workflows=%d algorithm=%s kid=%s token_backend=%s "
+                     "pump_backend=%s metrics=%s", b.socket, " (socket-activated)" if adopted else "",
+                     b.trust_domain, len(self.config.workflows), b.algorithm, self.ring.current.kid, tokens.BACKEND,
+                     _pump.BACKEND, self.config.metrics_listen or "off")
+            systemd.notify(f"READY=1\nSTATUS=serving {len(self.config.workflows)} workflows")
+            self._serving = True
+            undo.pop_all()  # serving: the shutdown below owns all of it now
         rotation = asyncio.create_task(self._rotate(rt))
         audit_flush = asyncio.create_task(self._flush_audit())
         memory_trim = asyncio.create_task(self._trim_memory())
@@ -229,6 +258,7 @@ class Daemon:
             # then drop the relayed connections.
             frontdoor.stop_accepting()
             await rt.close_streams()
+            await health_servicer.close()  # after NOT_SERVING above: every watcher has seen it
             await asyncio.sleep(SHUTDOWN_DRAIN)
             await server.stop(SHUTDOWN_GRACE)
             await asyncio.get_running_loop().run_in_executor(None, frontdoor.close)
@@ -267,7 +297,7 @@ class Daemon:
                  "logged in" if session.logged_in else "not logged in yet")
         return _Vault(session, fleet, secrets)
 
-    async def _watch_vault(self, health_servicer: health.aio.HealthServicer) -> None:
+    async def _watch_vault(self, health_servicer: HealthServicer) -> None:
         assert self._vault is not None
         last: list[str] | None = None
         while True:
@@ -408,7 +438,9 @@ class Daemon:
             "token_backend": tokens.BACKEND, "pump_backend": _pump.BACKEND,
             "trust_domain": self.config.broker.trust_domain, "config_sha256": self.config.sha256,
             "workflows": sorted(self.config.workflows),
-            "keys": {"current": self.ring.current.kid, "published": sorted(self.ring.verify_keys),
+            # svid_current differs from current when tool tokens use an algorithm JWT-SVIDs may not.
+            "keys": {"current": self.ring.current.kid, "svid_current": self.ring.svid_current.kid,
+                     "published": sorted(self.ring.verify_keys),
                      "current_age_seconds": round(now - self.ring.rotated_at, 1)},
             "mints": int(mints), "denials": int(denials),
             "connections": fd.connections if fd else 0,
@@ -432,6 +464,17 @@ def _malloc_trim() -> Callable[[int], int] | None:
     except AttributeError:
         return None
     return trim
+
+
+def _check_internal_path(public: str) -> None:
+    """Refuse, before binding anything, a socket directory too long for the internal socket inside it."""
+    directory = os.path.dirname(public)
+    # mkdtemp adds 8 random characters to the prefix.
+    internal = os.path.join(directory, INTERNAL_DIR_PREFIX + "x" * 8, INTERNAL_SOCKET)
+    if len(os.fsencode(internal)) > UNIX_PATH_MAX:
+        room = UNIX_PATH_MAX - (len(os.fsencode(internal)) - len(os.fsencode(directory)))
+        raise BrokerError(f"broker.socket: the daemon's internal socket in {directory} would pass the "
+                          f"{UNIX_PATH_MAX}-byte limit of Unix socket paths; use a directory of at most {room} bytes")
 
 
 def _raise_fd_limit(max_connections: int) -> None:

@@ -92,18 +92,23 @@ def _in_use(path: str) -> bool:
         return True
 
 
-def bind_public(path: str) -> socket.socket:
-    """Bind and listen on the public socket. Anyone may connect: identity comes from the kernel."""
-    parent = os.path.dirname(path)
-    os.makedirs(parent, mode=0o755, exist_ok=True)
+def remove_stale_socket(path: str) -> None:
+    """Make way for binding ``path``: remove a socket file left by a crashed run, and nothing else."""
     with contextlib.suppress(FileNotFoundError):
-        # Replace a stale socket from a previous run, but never delete something that is not a socket,
-        # nor a socket another daemon still serves (its agents would silently lose their broker).
+        # Never delete something that is not a socket, nor a socket another daemon still serves (its
+        # clients would silently lose their broker, or its scraper would silently read ours).
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise BrokerError(f"{path} exists and is not a socket; refusing to replace it")
         if _in_use(path):
             raise BrokerError(f"{path} is in use by a running broker; stop it first")
         os.unlink(path)
+
+
+def bind_public(path: str) -> socket.socket:
+    """Bind and listen on the public socket. Anyone may connect: identity comes from the kernel."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, mode=0o755, exist_ok=True)
+    remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         # Before listen(2): connections inherit it when made, so none can be queued without it.

@@ -186,9 +186,9 @@ class Instrument(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     self._release(uid, stream=False)
 
             return grpc.stream_unary_rpc_method_handler(unary, request_deserializer=des, response_serializer=ser)
+        watchers = self._m.watchers
         if handler.unary_stream is not None:
-            stream_inner = handler.unary_stream
-            watchers = self._m.watchers
+            stream_inner = _streaming(handler.unary_stream)
 
             async def stream(requests: AsyncIterator[Any], context: Any) -> None:
                 # Streams live as long as their subscriber: counted, not timed.
@@ -206,22 +206,32 @@ class Instrument(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             return grpc.stream_stream_rpc_method_handler(stream, request_deserializer=des, response_serializer=ser)
         # Request-streaming methods (server reflection): counted as streams; their handler reads itself.
-        outer = handler.stream_stream or handler.stream_unary
+        outer = handler.stream_unary or _streaming(handler.stream_stream)
         make = (grpc.stream_stream_rpc_method_handler if handler.stream_stream is not None
                 else grpc.stream_unary_rpc_method_handler)
 
         async def bidi(requests: AsyncIterator[Any], context: Any) -> Any:
             REQUEST_ID.set(secrets.token_hex(8))
             uid = await self._admit(context, stream=True)
+            watchers.inc()
             try:
                 if handler.stream_unary is not None:
                     return await outer(requests, context)
                 await _respond(outer, requests, context)
                 return None
             finally:
+                watchers.dec()
                 self._release(uid, stream=True)
 
         return make(bidi, request_deserializer=des, response_serializer=ser)
+
+
+def _streaming(handler: Any) -> Any:
+    """``handler`` if grpc.aio can serve it as a response stream; a synchronous one would be driven the
+    wrong way by the async wrapper (the client would get UNKNOWN), so it is refused at registration."""
+    if not (inspect.isasyncgenfunction(handler) or inspect.iscoroutinefunction(handler)):
+        raise TypeError(f"{handler!r}: a streaming handler must be an async generator or a coroutine function")
+    return handler
 
 
 async def _respond(handler: Any, request: Any, context: Any) -> None:

@@ -35,20 +35,32 @@ class _Retiring:
     retire_at: float
 
 
+@dataclass(slots=True)
+class _Slot:
+    """The signing key of one algorithm now, and the one that follows it."""
+
+    current: SigningKey
+    next: SigningKey
+
+
 class KeyRing:
-    """Current + next + retiring keys. ``version`` increases whenever the published JWKS changes."""
+    """Current + next + retiring keys. ``version`` increases whenever the published JWKS changes.
+
+    With ``svid_alg`` other than ``alg`` the ring holds a second pair, rotated together with the first:
+    JWT-SVIDs must use an algorithm the SPIFFE spec allows, whatever tool tokens use.
+    """
 
     def __init__(self, source: KeySource, alg: str, rotate_every: int, max_token_ttl: int, now: float,
-                 *, leeway: int = tokens.DEFAULT_LEEWAY) -> None:
+                 *, leeway: int = tokens.DEFAULT_LEEWAY, svid_alg: str | None = None) -> None:
         self._source = source
         self._alg = alg
+        self._svid_alg = svid_alg or alg
         self._rotate_every = rotate_every
         # A retired key must outlive every token it signed, plus the verifiers' clock leeway.
         self._keep_after_rotation = max_token_ttl + leeway
-        self._current = source.new_key(alg)
         # The next key is published before it signs anything, so verifiers that cache the JWKS
         # already know it when the first token it signs reaches them.
-        self._next = source.new_key(alg)
+        self._slots = {a: _Slot(source.new_key(a), source.new_key(a)) for a in dict.fromkeys((alg, self._svid_alg))}
         self._retiring: list[_Retiring] = []
         self._rotated_at = now
         self.version = 0
@@ -56,7 +68,13 @@ class KeyRing:
 
     @property
     def current(self) -> SigningKey:
-        return self._current
+        """The key that signs tool tokens now."""
+        return self._slots[self._alg].current
+
+    @property
+    def svid_current(self) -> SigningKey:
+        """The key that signs JWT-SVIDs now (``current`` unless ``svid_alg`` differs)."""
+        return self._slots[self._svid_alg].current
 
     @property
     def verify_keys(self) -> Mapping[str, VerifyKey]:
@@ -75,14 +93,15 @@ class KeyRing:
         return self._rotated_at
 
     def key_ages(self, now: float) -> dict[str, float]:
-        return {self._current.kid: now - self._rotated_at}
+        return {slot.current.kid: now - self._rotated_at for slot in self._slots.values()}
 
     def tick(self, now: float) -> bool:
         """Rotate when due and drop keys whose tokens have all expired. True if the JWKS changed."""
         changed = False
         if now - self._rotated_at >= self._rotate_every:
-            self._retiring.append(_Retiring(self._current.verify_key, now + self._keep_after_rotation))
-            self._current, self._next = self._next, self._source.new_key(self._alg)
+            for alg, slot in self._slots.items():
+                self._retiring.append(_Retiring(slot.current.verify_key, now + self._keep_after_rotation))
+                slot.current, slot.next = slot.next, self._source.new_key(alg)
             self._rotated_at = now
             changed = True
         kept = [r for r in self._retiring if r.retire_at > now]
@@ -99,7 +118,8 @@ class KeyRing:
         return max(0.0, min(due) - now)
 
     def _publish(self) -> None:
-        keys = [self._next.verify_key, self._current.verify_key] + [r.key for r in self._retiring]
+        keys = [k.verify_key for slot in self._slots.values() for k in (slot.next, slot.current)]
+        keys += [r.key for r in self._retiring]
         self._verify_keys = MappingProxyType({k.kid: k for k in keys})
         self._jwks_json = json.dumps(tokens.jwks_document(keys), separators=(",", ":"))
         self.version += 1

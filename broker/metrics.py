@@ -6,19 +6,23 @@ names from the config (anything else is counted as ``_unknown``), fixed reason c
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socketserver
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from http.server import HTTPServer
+from http.server import HTTPServer, ThreadingHTTPServer
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, MetricsHandler
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, MetricsHandler, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from broker.errors import BrokerError
+from broker.frontdoor import file_identity, remove_stale_socket, unlink_if_same
+
 UNKNOWN: Final = "_unknown"
+# Seconds a scrape connection may sit idle before it is closed: bounds the threads idle clients can hold.
+SCRAPE_TIMEOUT: Final = 10.0
 # Denial reasons are free text for the audit log; metrics get one of these categories.
 DENIAL_CATEGORIES: Final = (
     ("unknown workflow", "unknown_workflow"),
@@ -46,13 +50,16 @@ class Metrics:
                                      registry=r)
         self.rpc_seconds = Histogram("broker_rpc_duration_seconds", "Unary RPC handling time", ["method"],
                                      registry=r, buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .1, 1))
-        self.watchers = Gauge("broker_stream_subscribers", "Open key/revocation streams (sidecars, verifiers)",
-                              registry=r)
+        self.watchers = Gauge("broker_stream_subscribers",
+                              "Open server streams (key, secret and health watchers, reflection)", registry=r)
         self.reloads = Counter("broker_reloads", "Config reloads", ["result"], registry=r)
         self.vault_seconds = Histogram("broker_vault_request_duration_seconds", "Requests to Vault",
                                        ["method", "outcome"], registry=r,
                                        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, 1, 5))
         self._server: HTTPServer | socketserver.UnixStreamServer | None = None
+        self._thread: threading.Thread | None = None
+        self._path: str | None = None  # a Unix listener's file, removed at close if still ours
+        self._bound: tuple[int, int] | None = None
         # labels() validates and locks on every call; the mint path asks for the same few children.
         # Bounded: only (workflow, tool) pairs that passed policy get here.
         self._mint_children: dict[tuple[str, str], Counter] = {}
@@ -69,25 +76,52 @@ class Metrics:
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
 
-    def serve(self, listen: str) -> None:
-        """Serve /metrics on ``unix:/path`` or ``host:port`` (loopback only) in a daemon thread."""
+    def bind(self, listen: str) -> None:
+        """Claim ``unix:/path`` or ``host:port`` (loopback only) for /metrics; :meth:`start` serves it.
+
+        The daemon binds this before anything else, so that a clash leaves nothing behind. A Unix socket
+        path is claimed like the public socket: a stale file is replaced, a live one refused.
+        """
         handler = MetricsHandler.factory(self.registry)
-        server: HTTPServer | socketserver.UnixStreamServer
-        if listen.startswith("unix:"):
-            server = _UnixHTTPServer(listen[len("unix:"):], _unix_handler(handler))
-        else:
-            host, _, port = listen.rpartition(":")
-            server = _QuietHTTPServer((host, int(port)), handler)
-        self._server = server
-        threading.Thread(target=server.serve_forever, name="broker-metrics", daemon=True).start()
+        try:
+            if listen.startswith("unix:"):
+                path = listen[len("unix:"):]
+                remove_stale_socket(path)
+                self._server = _UnixHTTPServer(path, _unix_handler(handler))
+                self._path, self._bound = path, file_identity(path)
+            else:
+                host, _, port = listen.rpartition(":")
+                self._server = _QuietHTTPServer((host, int(port)), _tcp_handler(handler))
+        except OSError as exc:
+            # A path too long for a Unix socket is an OSError without an errno, hence without strerror.
+            raise BrokerError(f"metrics: cannot listen on {listen}: {exc.strerror or exc}") from None
+        except BrokerError as exc:
+            raise BrokerError(f"metrics: {exc}") from None
+
+    def start(self) -> None:
+        """Serve the listener :meth:`bind` claimed, in a daemon thread."""
+        assert self._server is not None
+        # Process-wide, and this process serves only our registry. In the text format each counter's and
+        # histogram's creation time becomes a family of its own (a gauge named broker_mints_created): one
+        # more series per label set, which nobody graphs and which the README table would have to list.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
+        self._thread = threading.Thread(target=self._server.serve_forever, name="broker-metrics", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        """Stop serving and release the listener (a Unix socket file only if it is still ours)."""
+        if self._server is None:
+            return
+        if self._thread is not None:
+            self._server.shutdown()  # waits for serve_forever, so only once it runs
+        self._server.server_close()
+        if self._path is not None:
+            unlink_if_same(self._path, self._bound)
 
 
-class _QuietHTTPServer(HTTPServer):
+class _QuietHTTPServer(ThreadingHTTPServer):
+    # A thread per connection: any local user may connect to a loopback port, and one who sends nothing
+    # must not stall everyone else's scrapes (a plain HTTPServer serves one connection at a time).
     daemon_threads = True
 
 
@@ -95,14 +129,21 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
     daemon_threads = True
 
     def __init__(self, path: str, handler: type[MetricsHandler]) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
         super().__init__(path, handler)
         os.chmod(path, 0o660)
 
 
+def _tcp_handler(base: type[MetricsHandler]) -> type[MetricsHandler]:
+    class Handler(base):  # type: ignore[valid-type,misc]
+        timeout = SCRAPE_TIMEOUT
+
+    return Handler
+
+
 def _unix_handler(base: type[MetricsHandler]) -> type[MetricsHandler]:
     class Handler(base):  # type: ignore[valid-type,misc]
+        timeout = SCRAPE_TIMEOUT
+
         # A Unix peer has no (host, port): give the logging and CGI-ish code something to print.
         def address_string(self) -> str:
             return "unix"
@@ -123,7 +164,9 @@ class FuncCollector(Collector):
         v = self._read()
         yield GaugeMetricFamily("broker_frontdoor_connections", "Client connections open on the public socket",
                                 value=v["connections"])
-        accepted = CounterMetricFamily("broker_frontdoor_connections", "Connections by outcome at accept",
+        # Not "broker_frontdoor_connections_total": that would be a second family named like the gauge
+        # above, which OpenMetrics parsers reject and Prometheus records as one metric of the wrong type.
+        accepted = CounterMetricFamily("broker_frontdoor_accepts", "Connections on the public socket by outcome",
                                        labels=["outcome"])
         accepted.add_metric(["accepted"], v["accepted"])
         accepted.add_metric(["refused"], v["refused"])

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -182,7 +183,9 @@ class Runtime:
         except AttestationError:
             return {}
 
-    def mint(self, grant: Grant, audience: tuple[str, ...], now: int) -> tuple[bytes, str, int]:
+    def mint(self, grant: Grant, audience: tuple[str, ...], now: int,
+             key: tokens.SigningKey | None = None) -> tuple[bytes, str, int]:
+        """Sign a token for ``grant`` with ``key``, by default the ring's current tool-token key."""
         cfg = self.config.broker
         jti = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()  # 128 random bits
         wf, tool = grant.workflow, grant.tool
@@ -192,9 +195,11 @@ class Runtime:
             tool=tool.name if tool else None, act=tool.actions if tool else (),
             dst=tool.destinations if tool else (),
         )
-        return tokens.mint(self.ring.current, claims), jti, claims.exp
+        return tokens.mint(self.ring.current if key is None else key, claims), jti, claims.exp
 
-    async def verify(self, token: str, audience: str, tool: str | None, now: int) -> tokens.Claims:
+    async def verify(self, token: str, audience: str, tool: str | None, now: int,
+                     algorithms: frozenset[str] | None = None) -> tokens.Claims:
+        """Verify ``token``; with ``algorithms``, also refuse any token signed with another algorithm."""
         expect = tokens.Expect(self.config.broker.trust_domain, audience, tool)
         raw = token.encode("ascii", "replace")
         try:
@@ -210,6 +215,10 @@ class Runtime:
             wf = self.config.workflows.get(claims.wf)
             if wf is None or (claims.tool is not None and claims.tool not in wf.tools):
                 raise InvalidToken("scope removed from the config")
+            # Read only now that the signature holds: the header is one we signed, and the engine made sure
+            # its alg is the alg of the key that verified it.
+            if algorithms is not None and _jws_alg(raw) not in algorithms:
+                raise InvalidToken("algorithm not allowed here")
         except InvalidToken:
             self.metrics.verifications.labels("invalid").inc()
             raise
@@ -227,6 +236,14 @@ class Runtime:
         if caller.uid not in (0, os.geteuid()):
             raise PermissionDenied(f"uid {caller.uid} is not an administrator")
         return caller
+
+
+def _jws_alg(token: bytes) -> str:
+    """The ``alg`` in the header of a JWS compact token whose signature was verified."""
+    header = token.split(b".", 1)[0]
+    alg = json.loads(base64.urlsafe_b64decode(header + b"=" * (-len(header) % 4)))["alg"]
+    assert isinstance(alg, str)  # the engine verified it against a key's alg
+    return alg
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, msg: str) -> NoReturn:
@@ -516,9 +533,11 @@ class WorkloadAPI(wl_grpc.SpiffeWorkloadAPIServicer):
         now = int(rt.clock())
         svids = []
         for wf in workflows:
-            token, jti, exp = rt.mint(Grant(wf, None, rt.config.broker.token_ttl), audience, now)
+            # The SVID key: with algorithm = "EdDSA" tool tokens are EdDSA, but a JWT-SVID never is.
+            key = rt.ring.svid_current
+            token, jti, exp = rt.mint(Grant(wf, None, rt.config.broker.token_ttl), audience, now, key)
             rt.audit.record("mint", workflow=wf.name, tool=None, audience=list(audience), **caller.audit_fields(),
-                            jti=jti, exp=exp, kid=rt.ring.current.kid, decision="allow", reason="svid")
+                            jti=jti, exp=exp, kid=key.kid, decision="allow", reason="svid")
             svids.append(wl.JWTSVID(spiffe_id=f"spiffe://{rt.config.broker.trust_domain}/workflow/{wf.name}",
                                     svid=token.decode("ascii")))
         return wl.JWTSVIDResponse(svids=svids)
@@ -528,7 +547,8 @@ class WorkloadAPI(wl_grpc.SpiffeWorkloadAPIServicer):
         await self._require_header(context)
         td = f"spiffe://{self._rt.config.broker.trust_domain}"
         last = ""
-        async for doc, _ in self._rt.trust_updates():
+        async for jwks, _ in self._rt.trust_updates():
+            doc = _svid_bundle(jwks)
             if doc != last:  # SPIFFE bundles carry keys only; revocations alone are no news here
                 last = doc
                 yield wl.JWTBundlesResponse(bundles={td: doc.encode()})
@@ -540,7 +560,8 @@ class WorkloadAPI(wl_grpc.SpiffeWorkloadAPIServicer):
         if not request.svid or not _name_ok(request.audience):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "svid and audience must be specified")
         try:
-            claims = await self._rt.verify(request.svid, request.audience, None, int(self._rt.clock()))
+            claims = await self._rt.verify(request.svid, request.audience, None, int(self._rt.clock()),
+                                           algorithms=tokens.JWT_SVID_ALGORITHMS)
         except InvalidToken as exc:
             self._rt.audit.record("verify", audience=request.audience, **await self._rt.caller_fields(context),
                                   decision="deny", reason=exc.reason)
@@ -548,3 +569,12 @@ class WorkloadAPI(wl_grpc.SpiffeWorkloadAPIServicer):
         st = struct_pb2.Struct()
         st.update(claims.to_json_dict())
         return wl.ValidateJWTSVIDResponse(spiffe_id=claims.sub, claims=st)
+
+
+# Every open bundle stream asks on every key or revocation change, mostly for the same JWKS.
+@functools.lru_cache(maxsize=8)
+def _svid_bundle(jwks: str) -> str:
+    """The JWKS as a SPIFFE JWT bundle: only keys that may sign JWT-SVIDs (no EdDSA tool-token keys)."""
+    doc = json.loads(jwks)
+    doc["keys"] = [k for k in doc["keys"] if k.get("alg") in tokens.JWT_SVID_ALGORITHMS]
+    return json.dumps(doc, separators=(",", ":"))

@@ -189,8 +189,11 @@ def openbao_dev_server(workdir: str, *, tls: bool = False) -> Iterator[OpenBao]:
             proc.wait()
 
 
-def scrape_metrics(socket_path: str) -> str:
-    """GET /metrics from a daemon whose ``[metrics] listen`` is ``unix:<socket_path>``."""
+def scrape_metrics(socket_path: str, accept: str | None = None) -> str:
+    """GET /metrics from a daemon whose ``[metrics] listen`` is ``unix:<socket_path>``.
+
+    ``accept`` is the Accept header: ``application/openmetrics-text`` asks for OpenMetrics.
+    """
 
     class UnixHTTPConnection(http.client.HTTPConnection):
         def connect(self) -> None:
@@ -199,7 +202,7 @@ def scrape_metrics(socket_path: str) -> str:
 
     conn = UnixHTTPConnection("localhost")
     try:
-        conn.request("GET", "/metrics")
+        conn.request("GET", "/metrics", headers={"Accept": accept} if accept else {})
         return conn.getresponse().read().decode()
     finally:
         conn.close()

@@ -362,3 +362,36 @@ def test_a_stale_socket_file_is_replaced(short_tmp: str) -> None:
     with running_daemon(path, sock_path, os.path.join(short_tmp, "audit.jsonl")) as d, Client(d.socket) as c:
         assert c.mint("support-summarize", "read_ticket").token
     assert not os.path.exists(sock_path)  # and removed at a clean stop
+
+
+def test_a_socket_directory_too_long_for_the_internal_socket_stops_the_start_cleanly(short_tmp: str) -> None:
+    # The public socket fits the 107-byte limit, the internal one (in a private directory beside it) would not.
+    directory = os.path.join(short_tmp, "d" * (80 - len(short_tmp)))
+    os.mkdir(directory)
+    cfg = os.path.join(directory, "broker.toml")
+    with open(cfg, "w") as f:
+        f.write(config_text(directory, default_workflows()))
+    r = cli("serve", "--config", cfg)
+    assert r.returncode == 1
+    assert r.stderr == (f"broker serve: broker.socket: the daemon's internal socket in {directory} would pass the "
+                        f"107-byte limit of Unix socket paths; use a directory of at most 71 bytes\n")
+    assert sorted(os.listdir(directory)) == ["audit.jsonl", "broker.toml"]  # no socket, no internal directory
+
+
+def test_a_start_failing_after_the_socket_is_bound_leaves_nothing_behind(short_tmp: str) -> None:
+    # Vault settings are read once the public socket is bound; a CA file that is not there fails the start
+    # there. No Vault server is needed: the failure comes before any request.
+    cfg = os.path.join(short_tmp, "broker.toml")
+    creds = os.path.join(short_tmp, "role_id")
+    with open(creds, "w") as f:
+        f.write("x\n")
+    with open(cfg, "w") as f:
+        f.write(config_text(short_tmp, default_workflows())
+                + f'\n[vault]\naddress = "https://127.0.0.1:1"\nca_file = "{short_tmp}/no-ca.pem"\n'
+                + f'[vault.auth]\nmethod = "approle"\nrole_id_file = "{creds}"\nsecret_id_file = "{creds}"\n'
+                + f'\n[metrics]\nlisten = "unix:{short_tmp}/metrics.sock"\n')
+    r = cli("serve", "--config", cfg)
+    assert r.returncode == 1
+    assert r.stderr.splitlines()[-1] == f"broker serve: cannot read vault.ca_file {short_tmp}/no-ca.pem: " \
+                                        "No such file or directory", r.stderr
+    assert sorted(os.listdir(short_tmp)) == ["audit.jsonl", "broker.toml", "role_id"]

@@ -7,7 +7,7 @@ that every slot comes back whatever way a call ends.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,3 +195,26 @@ def test_a_stream_handler_that_writes_itself_is_served() -> None:
         assert written == ["SERVING"] and inst._streams == {}
 
     asyncio.run(main())
+
+
+class _NoPeers:
+    def lookup(self, peer: str) -> None:
+        return None
+
+
+def test_a_synchronous_streaming_handler_is_refused_not_miswrapped() -> None:
+    # grpc calls a handler by its kind; a wrapper of another kind would be called the wrong way, and the
+    # stream cap silently skipped if it were passed through unwrapped. Every servicer here is async.
+    def sync_stream(request: Any, context: Any) -> Iterator[bytes]:
+        yield b""
+
+    handler = grpc.unary_stream_rpc_method_handler(sync_stream)
+
+    async def continuation(details: Any) -> Any:
+        return handler
+
+    class Details:
+        method = "/x.Y/Z"
+
+    with pytest.raises(TypeError, match="async generator or a coroutine"):
+        asyncio.run(Instrument(Metrics(), _NoPeers()).intercept_service(continuation, Details()))

@@ -58,3 +58,24 @@ def test_version_increases_on_every_change() -> None:
 def test_eddsa_ring() -> None:
     r = ring(alg="EdDSA")
     assert all(k["kty"] == "OKP" for k in json.loads(r.jwks_json)["keys"])
+
+
+def test_a_separate_svid_key_pair_rotates_and_retires_with_the_tool_keys() -> None:
+    r = KeyRing(MemoryKeySource(), "EdDSA", rotate_every=3600, max_token_ttl=TTL, now=1000.0, svid_alg="ES256")
+    assert (r.current.alg, r.svid_current.alg) == ("EdDSA", "ES256")
+    assert sorted(k.alg for k in r.verify_keys.values()) == ["ES256", "ES256", "EdDSA", "EdDSA"]
+    first_tool, first_svid = r.current, r.svid_current
+    published = set(r.verify_keys)
+    assert set(r.key_ages(1010.0)) == {first_tool.kid, first_svid.kid}
+    assert r.tick(4600.0)
+    # Both pairs moved to keys published a rotation before they sign; both old keys stay for their tokens.
+    assert {r.current.kid, r.svid_current.kid} <= published
+    assert {r.current.alg, r.svid_current.alg} == {"EdDSA", "ES256"}
+    assert {first_tool.kid, first_svid.kid} <= set(r.verify_keys) and len(r.verify_keys) == 6
+    assert r.tick(4600.0 + TTL + tokens.DEFAULT_LEEWAY)
+    assert len(r.verify_keys) == 4 and first_svid.kid not in r.verify_keys
+
+
+def test_one_key_pair_when_svids_may_use_the_tool_algorithm() -> None:
+    r = KeyRing(MemoryKeySource(), "ES256", rotate_every=3600, max_token_ttl=TTL, now=1000.0, svid_alg="ES256")
+    assert r.svid_current is r.current and len(r.verify_keys) == 2

@@ -1,4 +1,4 @@
-"""The token engine: mint and verify broker tokens (JWS compact, every one also a JWT-SVID).
+"""The token engine: mint and verify broker tokens (JWS compact; with ES256 every one is also a JWT-SVID).
 
 Public API, usable offline by tool servers with nothing but the broker's JWKS::
 
@@ -27,6 +27,7 @@ from broker.tokens._keys import (
     EDDSA,
     ES256,
     HS256,
+    JWT_SVID_ALGORITHMS,
     SigningKey,
     VerifyKey,
     from_private,
@@ -34,6 +35,7 @@ from broker.tokens._keys import (
     hmac_key,
     jwks_document,
     keys_from_jwks,
+    svid_algorithm,
 )
 from broker.tokens._verifier import DEFAULT_CACHE_ENTRIES, Verifier
 
@@ -58,6 +60,7 @@ __all__ = [
     "EDDSA",
     "ES256",
     "HS256",
+    "JWT_SVID_ALGORITHMS",
     "MAX_LEEWAY",
     "MAX_TOKEN_BYTES",
     "Claims",
@@ -75,6 +78,7 @@ __all__ = [
     "mint",
     "require_native",
     "sign_compact",
+    "svid_algorithm",
     "verify",
     "verify_signature",
 ]

@@ -22,6 +22,15 @@ ES256: Final = "ES256"
 EDDSA: Final = "EdDSA"
 HS256: Final = "HS256"
 ALGORITHMS: Final = (ES256, EDDSA, HS256)
+# The JWT-SVID standard (section 3, JOSE header) allows only the RSA, ECDSA and RSA-PSS algorithms of
+# RFC 7518 sections 3.3 to 3.5, and validators must reject any other: EdDSA and HMAC tokens are no SVIDs.
+JWT_SVID_ALGORITHMS: Final = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512",
+                                        "PS256", "PS384", "PS512"})
+
+
+def svid_algorithm(alg: str) -> str:
+    """What JWT-SVIDs are signed with when tool tokens use ``alg``: ``alg`` if the standard allows it."""
+    return alg if alg in JWT_SVID_ALGORITHMS else ES256
 
 # JWKS documents we accept from elsewhere are small; cap them before parsing.
 MAX_JWKS_BYTES: Final = 256 * 1024

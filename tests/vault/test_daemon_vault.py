@@ -20,6 +20,7 @@ from broker.client import Client
 from broker.errors import PermissionDenied, RequestRejected
 from broker.testing import DaemonProcess, OpenBao, WorkflowSpec, config_text, running_daemon
 from broker.testing import scrape_metrics as scrape
+from tests.test_metrics import exposed_name, readme_metrics
 from tests.vault.conftest import Role, make_role
 
 ME = {"uid": os.geteuid()}
@@ -133,6 +134,8 @@ def test_leases_are_revoked_at_shutdown(short_tmp: str, bao: OpenBao, admin: hva
         assert any(x.name.endswith("_count") and x.labels["outcome"] == "ok" and x.value > 0
                    for x in fams["broker_vault_request_duration_seconds"].samples)
         assert s.data["token"] not in scrape(metrics_sock)
+        # With [vault], the daemon exposes every metric README.md lists (tests/test_metrics.py: without).
+        assert {exposed_name(f.name, f.type) for f in fams.values()} == set(readme_metrics())
         child_token = s.data["token"]
         looked = hvac.Client(url=bao.address, token=bao.token).auth.token.lookup(child_token)["data"]
         assert "crm-read" in looked["policies"] and 0 < looked["ttl"] <= 600
