@@ -86,6 +86,11 @@ def mint_token(s: Stubs) -> None:
     assert (claims["wf"], claims["tool"]) == (WF, TOOL)
 
 
+def who_am_i(s: Stubs) -> None:
+    r = s.broker.WhoAmI(pb.WhoAmIRequest(), timeout=10)
+    assert (r.pid, r.uid) == (os.getpid(), os.geteuid()) and WF in r.workflows
+
+
 def verify_token(s: Stubs) -> None:
     r = s.broker.VerifyToken(pb.VerifyTokenRequest(token=_mint(s).token, tool=TOOL), timeout=10)
     assert json.loads(r.claims_json)["tool"] == TOOL
@@ -211,6 +216,7 @@ CASES: dict[str, Callable[[Stubs], None]] = {
     "broker.v1.Broker/WatchSecret": watch_secret,
     "broker.v1.Broker/Reload": reload,
     "broker.v1.Broker/Status": status,
+    "broker.v1.Broker/WhoAmI": who_am_i,
     "SpiffeWorkloadAPI/FetchX509SVID": fetch_x509_svid,
     "SpiffeWorkloadAPI/FetchX509Bundles": fetch_x509_bundles,
     "SpiffeWorkloadAPI/FetchJWTSVID": fetch_jwt_svid,
