@@ -3,8 +3,8 @@
     sudo .venv/bin/python bench/dos.py [--mints 500] [--json out.json]
 
 Needs root: it creates a throwaway user, who attacks a real daemon's public socket with
-tests/_h2_attack.py (silent calls, CONTINUATION, huge header, PING, SETTINGS, rapid reset) while root,
-granted, mints sequentially on one connection. Prints, per attack: the granted caller's p50/p99/max
+tests/_h2_attack.py (silent calls, CONTINUATION, huge header, PING, SETTINGS, rapid reset, connect/close
+churn) while root, granted, mints sequentially on one connection. Prints, per attack: the granted caller's p50/p99/max
 latency, failed calls, and the daemon's RSS before and during the attack.
 """
 
@@ -37,6 +37,7 @@ ATTACKS = [
     ("PING, 16 conns", "ping", 16, 0),
     ("SETTINGS, 16 conns", "settings", 16, 0),
     ("rapid reset, 16 conns", "reset", 16, 0),
+    ("connect/close churn, 16 threads", "churn", 16, 0),
 ]
 
 

@@ -111,6 +111,16 @@ def silent(path: str, streams: int, stop: threading.Event, c: Counters) -> None:
         s.sendall(conn.data_to_send())
 
 
+def churn(path: str, streams: int, stop: threading.Event, c: Counters) -> None:
+    """Connect and close again, as fast as the daemon lets us (issue 12 item 4)."""
+    first = True
+    while not stop.is_set():
+        s = connect(path)
+        s.close()
+        c.add(connections=1, started=int(first))
+        first = False
+
+
 def raw_flood(make: Callable[[Encoder, int], bytes]) -> Callable[[str, int, threading.Event, Counters], None]:
     """A flood of frames from ``make(encoder, round)``, written as fast as the socket accepts them."""
     def run(path: str, streams: int, stop: threading.Event, c: Counters) -> None:
@@ -165,6 +175,7 @@ def _reset(enc: Encoder, n: int) -> bytes:
 
 MODES: dict[str, Callable[[str, int, threading.Event, Counters], None]] = {
     "silent": silent,
+    "churn": churn,
     "continuation": raw_flood(_continuation),
     "huge-header": raw_flood(_huge_value),
     "ping": raw_flood(lambda enc, n: PingFrame(0, opaque_data=n.to_bytes(8, "big")).serialize()),
