@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 _ABSTRACT_PREFIX: Final = "broker-"
 _PEER_PREFIX: Final = "unix-abstract:"
 BACKLOG: Final = 1024
+# Connections accepted per wake-up of the accept thread before it checks for a stop request again.
+ACCEPT_BATCH: Final = 256
 #: Sustained new connections per second per uid, and the burst a uid may open at once. A client keeps
 #: one connection for many calls; these leave room for many short-lived clients (CLI calls, tool runs)
 #: while keeping one uid's churn to a small share of the accept thread.
@@ -242,21 +244,25 @@ class FrontDoor:
             events = poller.poll()  # releases the GIL while waiting
             if self._stopping or any(fd == self._wake_r for fd, _ in events):
                 return
-            try:
-                conn, _ = self._listener.accept()
-            except BlockingIOError:
-                continue  # the client gave up between poll and accept
-            except OSError as exc:
-                # EMFILE and friends: log, back off briefly, keep serving the connections we have.
-                log.error("front door: accept failed: %s", exc)
-                self._wake_or_sleep(poller)
-                continue
-            conn.setblocking(True)
-            try:
-                self._admit(conn)
-            except Exception:  # one bad connection must never stop the front door
-                log.exception("front door: could not relay a connection")
-                conn.close()
+            # Drain the queue, not one connection per wake-up: a connect(2) finding the listen queue full
+            # fails at once (EAGAIN, for gRPC's non-blocking connect), so a uid that keeps the queue full
+            # with connect/close churn would make everyone else's connections fail.
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, _ = self._listener.accept()
+                except BlockingIOError:
+                    break  # drained (or the client gave up between poll and accept)
+                except OSError as exc:
+                    # EMFILE and friends: log, back off briefly, keep serving the connections we have.
+                    log.error("front door: accept failed: %s", exc)
+                    self._wake_or_sleep(poller)
+                    break
+                conn.setblocking(True)
+                try:
+                    self._admit(conn)
+                except Exception:  # one bad connection must never stop the front door
+                    log.exception("front door: could not relay a connection")
+                    conn.close()
 
     def _wake_or_sleep(self, poller: select.poll) -> None:
         poller.unregister(self._listener.fileno())

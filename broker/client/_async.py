@@ -17,7 +17,7 @@ import grpc
 from broker.client._cache import DEFAULT_REFRESH_FRACTION, Minted, still_usable
 from broker.client._errors import retryable, translate
 from broker.client._socket import resolve_socket
-from broker.client._sync import DEFAULT_RETRIES, DEFAULT_TIMEOUT, secret_value
+from broker.client._sync import CHANNEL_OPTIONS, DEFAULT_RETRIES, DEFAULT_TIMEOUT, retry_delay, secret_value
 from broker.errors import BrokerError, Unavailable
 from broker.v1 import broker_pb2 as pb
 from broker.v1 import broker_pb2_grpc as pb_grpc
@@ -39,7 +39,7 @@ class AsyncClient:
         self._retries = retries
         self._fraction = refresh_fraction
         self._clock = clock
-        self._channel = grpc.aio.insecure_channel(f"unix:{self._path}")
+        self._channel = grpc.aio.insecure_channel(f"unix:{self._path}", options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.BrokerStub(self._channel)
         self._cache: dict[tuple[str, str, str], tuple[Minted, float]] = {}
         self._inflight: dict[tuple[str, str, str], asyncio.Future[Minted]] = {}
@@ -63,7 +63,7 @@ class AsyncClient:
                 return await method(request, timeout=self._timeout)
             except grpc.RpcError as exc:
                 if attempt < self._retries and retryable(exc):
-                    await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0))
+                    await asyncio.sleep(retry_delay(attempt))
                     continue
                 raise translate(exc, self._path) from None
         raise AssertionError("unreachable")
