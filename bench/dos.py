@@ -14,19 +14,16 @@ import argparse
 import contextlib
 import json
 import os
-import pwd
-import secrets
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from broker.client import Client  # noqa: E402
 from broker.errors import BrokerError  # noqa: E402
+from broker.testing import throwaway_user  # noqa: E402
 from tests.test_dos import Calls, attack, mint_many, rss_kib, serving  # noqa: E402
 
 # A new process per call (a CLI in a loop, short-lived agents): one connection each, paced below the
@@ -62,16 +59,6 @@ ATTACKS = [
     ("rapid reset, 16 conns", "reset", 16, 0),
     ("connect/close churn, 16 threads", "churn", 16, 0),
 ]
-
-
-@contextlib.contextmanager
-def throwaway_user() -> Iterator[pwd.struct_passwd]:
-    name = "brk-" + secrets.token_hex(4)
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", name], check=False)
 
 
 def main() -> int:

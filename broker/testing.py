@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -116,6 +117,18 @@ def running_daemon(config_path: str, socket_path: str, audit_log: str,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.contextmanager
+def throwaway_user() -> Iterator[pwd.struct_passwd]:
+    """A new system user with no home and no shell, deleted on exit (needs root): a real second uid for
+    tests and benchmarks where identity matters."""
+    name = "brk-" + secrets.token_hex(4)
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], check=False)
 
 
 def free_port() -> int:

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import os
+import pwd
 import sys
 import tempfile
 from collections.abc import Iterator
 
 import pytest
 
+from broker import testing
 from broker.testing import DaemonProcess, WorkflowSpec, config_text, running_daemon
 
 ME = {"uid": os.geteuid()}
@@ -23,6 +25,14 @@ def default_workflows() -> list[WorkflowSpec]:
         # Matches nobody here: a uid no test process runs as.
         WorkflowSpec("billing", tenant="globex", callers=[{"uid": 4000000}], tools=[{"name": "charge"}]),
     ]
+
+
+@pytest.fixture
+def throwaway_user() -> Iterator[pwd.struct_passwd]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a throwaway user (useradd)")
+    with testing.throwaway_user() as user:
+        yield user
 
 
 @pytest.fixture

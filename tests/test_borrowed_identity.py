@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import pwd
-import secrets
 import shutil
 import subprocess
 import sys
@@ -141,16 +140,6 @@ def _user_interpreter(user: pwd.struct_passwd) -> tuple[str | None, str]:
             return candidate, ""
         why = f"{candidate}: {probe.stderr.strip()[-200:]}"
     return None, why
-
-
-@pytest.fixture
-def throwaway_user() -> Iterator[pwd.struct_passwd]:
-    name = "brk-" + secrets.token_hex(4)
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", name], check=False)
 
 
 @pytest.mark.parametrize("unprivileged", [False, True], ids=["root-mount-ns", "user-mount-ns"])

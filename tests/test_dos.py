@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import pwd
-import secrets
 import socket
 import subprocess
 import sys
@@ -33,16 +32,6 @@ from tests._h2_attack import CALL_HEADERS
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a throwaway user (useradd)")
 ATTACKER = os.path.join(os.path.dirname(__file__), "_h2_attack.py")
-
-
-@pytest.fixture
-def throwaway_user() -> Iterator[pwd.struct_passwd]:
-    name = "brk-" + secrets.token_hex(4)
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", name], check=False)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@ import errno
 import logging
 import os
 import pwd
-import secrets
 import socket
 import subprocess
 import sys
@@ -132,18 +131,6 @@ def test_accept_rate_is_a_token_bucket_per_uid() -> None:
     clock.now += 3600  # refilled up to the burst, not beyond
     assert [rate.admit(7) for _ in range(4)] == [True, True, True, False]
     assert set(rate._buckets) == {7}  # uid 8's idle (full) bucket was forgotten
-
-
-@pytest.fixture
-def throwaway_user() -> Iterator[pwd.struct_passwd]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a throwaway user (useradd) and to connect as it")
-    name = "brk-" + secrets.token_hex(4)
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", name], check=False)
 
 
 def _churn(user: pwd.struct_passwd, path: str, count: int) -> None:

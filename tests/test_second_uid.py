@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import secrets
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -21,16 +19,6 @@ from broker.testing import WorkflowSpec, config_text, running_daemon
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create a throwaway user (useradd)")
 HELPER = os.path.join(os.path.dirname(__file__), "_as_user.py")
-
-
-@pytest.fixture
-def throwaway_user() -> Iterator[pwd.struct_passwd]:
-    name = "brk-" + secrets.token_hex(4)
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", name], check=False)
 
 
 def as_user(user: pwd.struct_passwd, *args: str, stdin: str = "") -> dict[str, object]:
