@@ -117,7 +117,19 @@ class ClientError(BrokerError):
 
 
 class Unavailable(ClientError):
-    """The daemon could not be reached (no socket, refused, timed out)."""
+    """The daemon could not be reached (no socket, refused, timed out), or, as :class:`UpstreamUnavailable`,
+    it answered that what the request needs is not available now."""
+
+
+class UpstreamUnavailable(Unavailable):
+    """Client side: the daemon is up but cannot serve a tool's upstream credential now (Vault cannot be
+    reached, or the cached value is past its limit). ``str()`` is the daemon's own text, which names the
+    workflow and tool; ``request_id`` names the daemon's log context. Not retried by the client: the
+    daemon's answer is current, and waiting is the caller's choice (``broker exec --wait-timeout``)."""
+
+    def __init__(self, message: str, request_id: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
 
 
 class RequestRejected(ClientError):

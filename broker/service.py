@@ -251,6 +251,15 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusC
     raise AssertionError("unreachable: abort raises")
 
 
+async def _upstream_unavailable(context: grpc.aio.ServicerContext[Any, Any], exc: SecretUnavailable) -> NoReturn:
+    """UNAVAILABLE from the daemon itself: it carries the request id, which tells a client that the daemon
+    answered (Vault is what is missing), unlike a connection that failed."""
+    rid = REQUEST_ID.get()
+    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc} (request {rid})",
+                        trailing_metadata=((REQUEST_ID_HEADER, rid),))
+    raise AssertionError("unreachable: abort raises")
+
+
 async def _deny(context: grpc.aio.ServicerContext[Any, Any], exc: AttestationError | PermissionDenied) -> NoReturn:
     """PERMISSION_DENIED naming the request id of the audit line that holds the reason (and carrying it as
     trailing metadata); the reason itself only when it is the caller's own business."""
@@ -445,7 +454,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"tool {request.tool!r} has no secret")
         except SecretUnavailable as exc:
             log.warning("secret unavailable workflow=%s tool=%s: %s", request.workflow, request.tool, exc.reason)
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+            await _upstream_unavailable(context, exc)
         return self._secret_reply(request, caller, value)
 
     async def WatchSecret(self, request: pb.GetSecretRequest,
@@ -467,7 +476,7 @@ class BrokerService(pb_grpc.BrokerServicer):
             except NoSecretConfigured:
                 await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"tool {request.tool!r} has no secret")
             except SecretUnavailable as exc:
-                await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+                await _upstream_unavailable(context, exc)
 
     async def DescribeWorkflow(self, request: pb.DescribeWorkflowRequest,
                                context: grpc.aio.ServicerContext[Any, Any]) -> pb.DescribeWorkflowResponse:

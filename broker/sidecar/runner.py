@@ -25,7 +25,7 @@ from typing import Final, TypeVar
 import uvloop
 
 from broker.client import AsyncClient, Minted
-from broker.errors import BrokerError, Refused, Unavailable
+from broker.errors import BrokerError, Refused, Unavailable, UpstreamUnavailable
 from broker.sidecar.credfiles import CredentialDir
 from broker.vault import SecretValue
 
@@ -162,9 +162,13 @@ class Sidecar:
                     # The time actually waited, not the option: the two differ by the last attempt.
                     raise BrokerError(f"gave up after {now - start:.1f}s: {exc}") from None
                 if now >= next_note:
-                    # Silence looks like a hang: name the socket at once, then every PROGRESS_EVERY.
-                    log.warning("waiting for the broker daemon at %s: %.0fs of %s (--wait-timeout)",
-                                self._client.socket_path, now - start, _seconds(self._o.wait_timeout))
+                    # Silence looks like a hang: say what we wait for at once, then every PROGRESS_EVERY.
+                    if isinstance(exc, UpstreamUnavailable):
+                        log.warning("waiting for an upstream credential: %.0fs of %s (--wait-timeout); the "
+                                    "daemon says: %s", now - start, _seconds(self._o.wait_timeout), exc)
+                    else:
+                        log.warning("waiting for the broker daemon at %s: %.0fs of %s (--wait-timeout)",
+                                    self._client.socket_path, now - start, _seconds(self._o.wait_timeout))
                     next_note = now + PROGRESS_EVERY
                 # Never sleep past the deadline, and try once more at it: giving up early (before the
                 # full wait) would make --wait-timeout a lie.

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.client import Client
-from broker.errors import PermissionDenied, RequestRejected
+from broker.errors import PermissionDenied, RequestRejected, UpstreamUnavailable
 from broker.testing import DaemonProcess, OpenBao, WorkflowSpec, config_text, running_daemon
 from broker.testing import scrape_metrics as scrape
 from tests.test_metrics import exposed_name, readme_metrics
@@ -270,3 +270,31 @@ def test_a_restarted_broker_keeps_its_earlier_tokens_valid(short_tmp: str, bao: 
             # The sibling has not had a heartbeat since the restart: the unknown kid makes it look now.
             assert cs.verify(fresh, "t")["wf"] == "w"
             assert cs.verify(token, "t")["wf"] == "w"
+
+
+def test_a_secret_vault_cannot_serve_is_told_apart_from_an_unreachable_daemon(
+        short_tmp: str, bao: OpenBao, admin: hvac.Client, creds_dir: str, broker_policy: str,
+        kv_value: tuple[str, str]) -> None:
+    # The daemon is up and Vault is not: the client must say so (and not retry the daemon's answer),
+    # and `broker exec` must say what it waits for, instead of "the daemon is unreachable".
+    path, _ = kv_value
+    tools = [{"name": "crm", "secret": {"kind": "kv", "path": path, "field": "api_key"}}]
+    cfg = start(os.path.join(short_tmp, "d"), bao, make_role(admin, creds_dir, policies=[broker_policy]), "novault",
+                tools)
+    with open(cfg[0]) as f:
+        text = f.read()
+    with open(cfg[0], "w") as f:
+        f.write(text.replace(bao.address, "http://127.0.0.1:1"))
+    with running_daemon(*cfg) as d:
+        with Client(d.socket) as c, pytest.raises(UpstreamUnavailable) as exc:
+            c.secret("crm", workflow="w")
+        assert str(exc.value).startswith("secret for w/crm unavailable: Vault cannot be reached")
+        assert exc.value.request_id
+        assert str(exc.value).endswith(f"(request {exc.value.request_id})")
+        # One GetSecret reached the daemon: its answer was not retried.
+        assert d.log().count("secret unavailable workflow=w tool=crm") == 1
+        r = subprocess.run([sys.executable, "-m", "broker", "exec", "--socket", d.socket, "--workflow", "w",
+                            "--wait-timeout", "1s", "--", "true"], capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0
+        assert "waiting for an upstream credential" in r.stderr and "waiting for the broker daemon" not in r.stderr
+        assert "is unreachable" not in r.stderr and "Vault cannot be reached" in r.stderr, r.stderr
