@@ -13,7 +13,6 @@ import os
 import pwd
 import re
 import tomllib
-import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -433,11 +432,12 @@ def _parse_vault(c: _Checker, raw: Any) -> VaultSettings | None:
     else:
         addresses = tuple(listed)
     for node in addresses:
-        if not node.startswith(("https://", "http://")):
+        if "@" in node or not node.isprintable():
+            # First, and never quoted: a password in the address (with or without a scheme) would be
+            # echoed in this message, and in every error and log line that names the address.
+            c.fail("vault.address", "must not contain credentials (@) or control characters")
+        elif not node.startswith(("https://", "http://")):
             c.fail("vault.address", f"must be an http(s) URL, got {node!r}")
-        elif "@" in urllib.parse.urlsplit(node).netloc or not node.isprintable():
-            # A password in the URL would be echoed in every error and log line that names the address.
-            c.fail("vault.address", "must not contain credentials or control characters")
     address = addresses[0] if addresses else None
     ca_file = c.get(t, "vault", "ca_file", str)
     if ca_file is not None and not ca_file.startswith("/"):

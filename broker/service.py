@@ -162,13 +162,13 @@ class Runtime:
     def _changed_since(self, version: int) -> Callable[[], bool]:
         return lambda: self._version != version
 
-    async def caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+    async def caller(self, context: grpc.aio.ServicerContext[Any, Any], *, hash_exe: bool = True) -> Caller:
         cred = self.peers.lookup(context.peer())
         if cred is None:
             # Only connections relayed by the front door carry a recorded identity.
             raise AttestationError(f"no kernel identity for peer {context.peer()!r}")
         caller = attest(cred)
-        if self.config.hashes_exe:
+        if hash_exe and self.config.hashes_exe:
             # Hashing a binary the first time (or after it changed) reads all of it: seconds for a large
             # one. Only when a hash-pinned block could admit this caller, on a worker thread, bounded
             # per uid and in total, so no caller waits for another uid's hash.
@@ -179,7 +179,8 @@ class Runtime:
         """The caller's audit fields for a refusal's line (a bad token, an admin RPC by a non-admin);
         nothing when it cannot be attested: the refusal stands either way."""
         try:
-            return (await self.caller(context)).audit_fields()
+            # Not hashed: the line does not carry the digest, and anyone can cause refusals at will.
+            return (await self.caller(context, hash_exe=False)).audit_fields()
         except AttestationError:
             return {}
 

@@ -260,6 +260,13 @@ def test_vault_and_secret_problems(extra: bytes, expected: str) -> None:
     assert any(expected in p for p in problems(GOOD + extra)), problems(GOOD + extra)
 
 
+def test_a_vault_address_with_credentials_is_never_quoted() -> None:
+    # Without a scheme the address used to be refused as "not an http(s) URL", quoting the password.
+    found = problems(GOOD + VAULT.replace(b'"https://vault.internal:8200"', b'"admin:hunter2@vault.internal"'))
+    assert any("vault.address: must not contain credentials" in p for p in found), found
+    assert not any("hunter2" in p for p in found), found
+
+
 @pytest.mark.parametrize(("old", "new", "expected"), [
     (b'name = "support-summarize"', b'name = "support-summarize\\n"', "workflow[0].name"),
     (b'trust_domain = "example.org"', b'trust_domain = "example.org\\n"', "broker.trust_domain"),

@@ -29,21 +29,25 @@ ISSUED_SUFFIX: Final = ".issued"
 MAX_ISSUED_BYTES: Final = 1 << 20
 
 
-def _sweep(base: str) -> list[str]:
-    """Delete what earlier runs killed before cleaning up (SIGKILL, OOM) left behind; return the tokens
-    they had issued, for the caller to revoke.
+def _sweep(base: str) -> tuple[list[tuple[str, float]], list[str]]:
+    """Delete what earlier runs killed before cleaning up (SIGKILL, OOM) left behind. Returns the tokens
+    they had issued, (token, expiry), for the caller to revoke, and their lists, which the caller deletes
+    once it has taken the tokens over: a run killed in between must not lose them.
 
     Only ours (same owner), only when their sidecar's pid no longer exists: a live run is never touched,
-    and a reused pid only delays the sweep to a later run.
+    and a reused pid only delays the sweep to a later run. A list's temporary file (a run killed while
+    writing it) holds tokens too: it is deleted.
     """
     try:
         names = os.listdir(base)
     except OSError:
-        return []
-    tokens: list[str] = []
+        return [], []
+    tokens: list[tuple[str, float]] = []
+    lists: list[str] = []
     for name in names:
-        pid_text, dash, _ = name[len(PREFIX):].partition("-")
-        if not (name.startswith(PREFIX) and pid_text.isdigit() and dash):
+        bare = name.removeprefix(".")
+        pid_text, dash, _ = bare[len(PREFIX):].partition("-")
+        if not (bare.startswith(PREFIX) and pid_text.isdigit() and dash):
             continue
         path = os.path.join(base, name)
         try:
@@ -52,18 +56,20 @@ def _sweep(base: str) -> list[str]:
         except ProcessLookupError:
             if st.st_uid != os.geteuid():
                 continue
-            if stat.S_ISDIR(st.st_mode):
+            if stat.S_ISDIR(st.st_mode) and name == bare:
                 shutil.rmtree(path, ignore_errors=True)
-            elif stat.S_ISREG(st.st_mode) and name.endswith(ISSUED_SUFFIX):
-                tokens += _read_issued(path)
+            elif stat.S_ISREG(st.st_mode) and name != bare and name.endswith(".tmp"):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
+            elif stat.S_ISREG(st.st_mode) and name.endswith(ISSUED_SUFFIX):
+                tokens += _read_issued(path)
+                lists.append(path)
         except OSError:
             continue  # gone already, or the pid belongs to someone else: alive
-    return tokens
+    return tokens, lists
 
 
-def _read_issued(path: str) -> list[str]:
+def _read_issued(path: str) -> list[tuple[str, float]]:
     try:
         # O_NOFOLLOW and the owner check on the open file: only a list this uid wrote is believed.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -79,7 +85,7 @@ def _read_issued(path: str) -> list[str]:
         exp, _, token = line.partition(" ")
         # An expired token needs no revocation (and the daemon would skip it anyway).
         if exp.isdigit() and int(exp) > now and token:
-            out.append(token)
+            out.append((token, float(exp)))
     return out
 
 
@@ -138,12 +144,18 @@ class CredentialDir:
             # Credentials must never reach persistent disk, not even in a crash before cleanup.
             raise BrokerError(f"{base} is not a tmpfs: refusing to write credentials there "
                               "(set XDG_RUNTIME_DIR to a memory-backed directory)")
-        # Tokens of killed runs: the sidecar revokes them, since their agents' children may still
-        # hold them (PDEATHSIG reaches the agent, not what the agent started).
-        self.stale_tokens = _sweep(base)
         # The owner's pid in the name lets a later run find what a killed one left behind.
         self.path = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=base)  # mode 0700, owned by us
         self.generation = 0
+        # Tokens of killed runs: the sidecar revokes them, since their agents' children may still
+        # hold them (PDEATHSIG reaches the agent, not what the agent started). They join this run's own
+        # list before the old lists go, so that they outlive this run too if it is killed in turn.
+        self.stale_tokens, lists = _sweep(base)
+        if self.stale_tokens:
+            self.record_issued(self.stale_tokens)
+        for path in lists:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def write(self, name: str, data: bytes) -> None:
         """Replace ``name`` atomically with ``data`` (mode 0600)."""

@@ -85,6 +85,8 @@ class Sidecar:
         self._sleep = sleep
         self._client = AsyncClient(opts.socket, retries=1, refresh_fraction=opts.refresh_fraction)
         self._creds: list[_Credential] = []
+        # Tokens of a killed earlier run that could not be revoked when this run started.
+        self._inherited: list[tuple[str, float]] = []
         self._dir: CredentialDir | None = None
         self._wake = asyncio.Event()
         self._restart = asyncio.Event()
@@ -135,7 +137,10 @@ class Sidecar:
             # A run killed before it could clean up (kill -9, OOM) left tokens that its agent's children
             # may still hold: they stop verifying now, not at their expiry.
             log.warning("revoking %d token(s) of an earlier run that was killed", len(self._dir.stale_tokens))
-            await self._revoke(self._dir.stale_tokens, "of a killed earlier run")
+            failed = await self._revoke([t for t, _ in self._dir.stale_tokens], "of a killed earlier run")
+            # What could not be revoked stays in this run's list: revoked at its end, or by the next run.
+            self._inherited = [i for i in self._dir.stale_tokens if i[0] in failed]
+            self._dir.record_issued(self._inherited)
         for t in chosen:
             # A tool with no delivery configured still gets a file: something the agent can read.
             self._creds.append(_Credential(t.tool, t.env, t.file or ("" if t.env else f"{t.tool}.token"),
@@ -186,7 +191,7 @@ class Sidecar:
         cred.issued = [(t, exp) for t, exp in cred.issued if exp > now]
         cred.issued.append((minted.token, minted.expires_at))
         # Written down before the token reaches the agent: if this sidecar is killed, the next run revokes it.
-        self._dir.record_issued([i for c in self._creds for i in c.issued])
+        self._dir.record_issued([*self._inherited, *(i for c in self._creds for i in c.issued)])
         cred.refresh_at = minted.refresh_at(self._o.refresh_fraction)
         cred.backoff = 0.5
         if cred.file:
@@ -365,7 +370,8 @@ class Sidecar:
                     await cred.secret_stream.aclose()
         now = self._clock()
         # Newest first: those live longest.
-        issued = sorted(((t, exp) for c in self._creds for t, exp in c.issued if exp > now), key=lambda i: -i[1])
+        issued = sorted(((t, exp) for t, exp in [*self._inherited, *(i for c in self._creds for i in c.issued)]
+                         if exp > now), key=lambda i: -i[1])
         # Tell the daemon this run is over: its tokens stop verifying now, not at their expiry.
         failed = await self._revoke([t for t, _ in issued], "of this run")
         if self._dir is not None:
