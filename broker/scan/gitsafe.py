@@ -33,13 +33,16 @@ from typing import Final
 from broker.scan.errors import ScanError, UsageError
 
 # Executing settings pinned on every git command line (a -c value beats every config file, includes
-# too). In the shadow, whose config names no command, they are a second wall; for the two commands
-# run in the repository they are the defence, and rev-parse and for-each-ref consult few of them.
+# too; a per-protocol key such as protocol.ext.allow beats protocol.allow, so each is pinned). In the
+# shadow, whose config names no command, they are a second wall; for the two commands run in the
+# repository they are the defence, and rev-parse and for-each-ref consult few of them.
 PINNED: Final = (
     "core.fsmonitor=false", "core.hooksPath=/dev/null", "core.pager=cat", "core.sshCommand=false",
     "core.askPass=false", "core.alternateRefsCommand=false", "core.editor=false", "sequence.editor=false",
     "core.commitGraph=false", "credential.helper=", "gpg.program=false", "gpg.ssh.program=false",
-    "gpg.x509.program=false", "log.showSignature=false", "protocol.allow=never", "core.quotePath=false",
+    "gpg.x509.program=false", "log.showSignature=false", "protocol.allow=never", "protocol.ext.allow=never",
+    "protocol.file.allow=never", "protocol.ssh.allow=never", "protocol.git.allow=never",
+    "protocol.http.allow=never", "protocol.https.allow=never", "core.quotePath=false",
     "diff.interHunkContext=0", "diff.noprefix=false",
 )
 # What these say, for git versions that know them: never fetch a missing object, never read a replace

@@ -53,7 +53,12 @@ def _tracked(directory: str) -> list[str] | None:
     names = [os.fsdecode(p) for p in listing.split(b"\0") if p]
     if below != ".":
         names = [n for n in names if n.startswith(below + "/")]
-    return [os.path.join(root, n) for n in names]
+    # The index is the repository's own data: a crafted one could name a path outside the work tree
+    # ("../", absolute, or through a committed symlink), whose content would reach the report.
+    real_root = os.path.realpath(root)
+    inside = [os.path.join(root, n) for n in names if not (n.startswith("/") or ".." in n.split("/"))]
+    return [p for p in inside if os.path.realpath(os.path.dirname(p)).startswith(real_root + os.sep)
+            or os.path.realpath(os.path.dirname(p)) == real_root]
 
 
 def _walk(directory: str) -> Iterator[str]:

@@ -51,7 +51,8 @@ class VaultTransport:
     and moves to the next one in the list when a node cannot be reached or answers 503 (sealed, or a
     standby that lost its leader); Raft replicates tokens and leases, so any node serves any of them.
     A request is sent again at once to the next node only when the first cannot have acted on it: the
-    connection was never made, or the node answered 503. After anything else (a timeout mid-answer, a
+    connection was never made, the node answered 503 because it is sealed, or the request only reads
+    (any 503). After anything else (a timeout mid-answer, a
     500) the request may have been carried out, and creating a lease twice would leak one, so the error
     goes to the caller, who retries on its own schedule, and the next request goes to the next node.
     Every method except :meth:`close` is a coroutine."""
@@ -135,11 +136,16 @@ class VaultTransport:
         except (OSError, ValueError, urllib3.exceptions.HTTPError) as exc:  # the body broke off mid-read
             raise VaultUnavailable(f"broken answer from Vault at {address}: {type(exc).__name__}") from None
         if response.status_code == 503:
-            # Sealed, or a standby without a leader: the node did not act on the request.
             body = _json_object(raw)
             errors = body.get("errors") if body is not None else None
             detail = "; ".join(str(e) for e in errors)[:MAX_ERROR_CHARS] if isinstance(errors, list) else ""
-            raise _NotSent(f"Vault at {address} answered 503 to {method} {path}" + (f": {detail}" if detail else ""))
+            message = f"Vault at {address} answered 503 to {method} {path}" + (f": {detail}" if detail else "")
+            # A sealed node did nothing, and a read changes nothing: either may go to the next node at once.
+            # Any other 503 may come from a standby whose forwarding to the leader broke after the leader
+            # acted (a token or lease created and never reported), so it is not sent again.
+            if "sealed" in detail.lower() or method in ("GET", "LIST"):
+                raise _NotSent(message)
+            raise VaultUnavailable(message)
         return self._decode(address, method, path, response.status_code, raw)
 
     def _read_body(self, address: str, response: requests.Response) -> bytes:

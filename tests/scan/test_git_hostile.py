@@ -221,3 +221,23 @@ def test_a_work_tree_moved_elsewhere_does_not_blind_the_plain_scan(base: Path, t
     result = run_scan("--format", "json", cwd=repo)
     assert result.code == 1, result.err
     assert ("app.py", "github-pat") in {(f["path"], f["rule"]) for f in result.json()["findings"]}
+
+
+def test_the_file_list_never_leads_outside_the_work_tree(tmp_path: Path) -> None:
+    # The index names d/notes.txt; the work tree's d is now a symlink to a directory outside it. Reading
+    # d/notes.txt would put another directory's content (here a secret) into the report.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "d").mkdir()
+    (repo / "d" / "notes.txt").write_text("nothing here\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "notes")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "notes.txt").write_text(f"token = '{WORKTREE_SECRET}'\n")
+    shutil.rmtree(repo / "d")
+    (repo / "d").symlink_to(outside)
+    result = run_scan("--format", "json", ".", cwd=repo)
+    assert result.code == 0, (result.out, result.err)
+    assert WORKTREE_SECRET not in result.out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import threading
 from collections.abc import Iterator
 
@@ -79,8 +80,9 @@ def test_a_ca_file_needs_every_node_on_https() -> None:
 class _Peer(http.server.ThreadingHTTPServer):
     """Answers every request with ``status`` and a Vault-style error body, counting the requests."""
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, error: str = "") -> None:
         self.status = status
+        self.error = error or ("Vault is sealed" if status == 503 else "internal error")
         self.seen: list[str] = []
         super().__init__(("127.0.0.1", 0), _Answer)
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -95,7 +97,7 @@ class _Answer(http.server.BaseHTTPRequestHandler):
 
     def _any(self) -> None:
         self.server.seen.append(f"{self.command} {self.path}")
-        body = b'{"errors":["Vault is sealed"]}' if self.server.status == 503 else b'{"errors":["internal error"]}'
+        body = json.dumps({"errors": [self.server.error]}).encode()
         self.send_response(self.server.status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -160,6 +162,26 @@ def test_a_request_the_node_may_have_carried_out_is_not_sent_again(bao: OpenBao,
     finally:
         transport.close()
     assert failing.seen == ["POST /v1/auth/token/create"]
+
+
+def test_a_standby_without_a_leader_is_not_sent_a_write_again(bao: OpenBao) -> None:
+    # A standby forwards writes to the leader; when forwarding breaks it answers 503 although the leader
+    # may have acted (created the token) before it died. Only reads and sealed nodes are resent at once.
+    standby = _Peer(503, "no active Vault instance found")
+    transport = VaultTransport([standby.address, bao.address])
+
+    async def main() -> None:
+        with pytest.raises(VaultUnavailable, match="no active Vault instance"):
+            await transport.send("POST", "auth/token/create", {"ttl": "1m"}, token=bao.token)
+        assert transport.address == bao.address
+
+    try:
+        asyncio.run(main())
+    finally:
+        transport.close()
+        standby.shutdown()
+        standby.server_close()
+    assert standby.seen == ["POST /v1/auth/token/create"]
 
 
 def test_every_node_down_is_one_unavailable_error() -> None:
