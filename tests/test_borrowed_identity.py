@@ -21,6 +21,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -101,6 +102,15 @@ def test_unapproved_binary_is_refused(daemon: DaemonProcess, workflow: str) -> N
     assert borrower("mint", daemon.socket, workflow) == {"code": "PERMISSION_DENIED"}
 
 
+def _wait_for_log(daemon: DaemonProcess, text: str) -> None:
+    # The pump closes the connection first and reports it after: the client can see the close before
+    # the daemon has written its line.
+    deadline = time.monotonic() + HANG_GUARD
+    while text not in daemon.log():
+        assert time.monotonic() < deadline, daemon.log()[-2000:]
+        time.sleep(0.02)
+
+
 @pytest.mark.parametrize("workflow", WORKFLOWS)
 def test_child_of_the_approved_binary_cannot_speak_on_its_connection(
         daemon: DaemonProcess, approved: tuple[str, str], workflow: str) -> None:
@@ -108,7 +118,7 @@ def test_child_of_the_approved_binary_cannot_speak_on_its_connection(
     result = borrower("fork-child-speaks", daemon.socket, workflow, interpreter=approved[0])
     # The connection was closed by the pump's sender check, not refused for another reason.
     assert result == {"error": "Unavailable"}, result
-    assert "wrote on it" in daemon.log()
+    _wait_for_log(daemon, "wrote on it")
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS)
@@ -118,7 +128,7 @@ def test_fork_then_exec_the_approved_binary_lends_nothing(
     result = borrower("fork-child-speaks", daemon.socket, workflow, approved[0])
     # The connection was closed by the pump's sender check, not refused for another reason.
     assert result == {"error": "Unavailable"}, result
-    assert "wrote on it" in daemon.log()
+    _wait_for_log(daemon, "wrote on it")
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS)
